@@ -1,0 +1,28 @@
+# Two entry points, each self-contained on a fresh machine with python3, pip and make.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test train bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# The whole suite on CPU; 8 fake devices are set up by tests/conftest.py.
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 --dist loadfile -q
+
+# The main job. Until the training CLI lands it runs the attention demo and prints a table.
+train: $(STAMP)
+	$(BIN)/python -m train
+
+# Regenerates BENCHMARKS.md (CPU part; add --gpu on a machine with an H100).
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.attention
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -1,0 +1,46 @@
+"""Version-specific Pallas names, kept in one place.
+
+Pallas moves names between releases (``pltpu.ANY`` became ``pl.ANY``, ``pltpu.DeviceIdType`` became
+``pl.DeviceIdType``, ...). Kernels import the names they need from here so that a JAX upgrade is a
+one-file change. Checked against jax 0.10.2 (CPU) and 0.11 (H100).
+"""
+
+from __future__ import annotations
+
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+try:  # GPU Triton backend helpers (load/store with masks).
+    from jax.experimental.pallas import triton as pl_triton
+except ImportError:  # pragma: no cover - very old or trimmed installs
+    pl_triton = None
+
+ANY = getattr(pl, "ANY", None) or getattr(pltpu, "ANY")
+PrefetchScalarGridSpec = pltpu.PrefetchScalarGridSpec
+SMEM = getattr(pltpu, "SMEM", None)
+VMEM = getattr(pltpu, "VMEM", None)
+TPUInterpretParams = pltpu.InterpretParams
+TPUCompilerParams = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
+
+
+def tpu_interpret_params(detect_races: bool = False):
+    """The ``interpret=`` value that runs a Mosaic TPU kernel on CPU."""
+    return TPUInterpretParams(detect_races=detect_races)
+
+
+# GPU (Triton backend) names.
+TritonCompilerParams = None if pl_triton is None else pl_triton.CompilerParams
+
+
+def tpu_interpret_races_found() -> bool | None:
+    """Whether the last TPU-interpreted kernel run with ``detect_races=True`` found a data race.
+
+    Reads the interpreter's private race-detection state (jax 0.10: ``races.races_found`` in
+    ``jax._src.pallas.mosaic.interpret.interpret_pallas_call``); None where this JAX has no such state.
+    """
+    try:
+        from jax._src.pallas.mosaic.interpret import interpret_pallas_call
+    except ImportError:  # pragma: no cover - other JAX layouts
+        return None
+    races = getattr(interpret_pallas_call, "races", None)
+    return None if races is None else bool(races.races_found)

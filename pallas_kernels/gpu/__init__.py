@@ -1,0 +1,1 @@
+"""Triton-backend GPU Pallas kernels."""
