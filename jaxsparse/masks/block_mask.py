@@ -8,9 +8,11 @@ proportional to the number of blocks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsparse.masks.base import BlockGrid, Mask
 from jaxsparse.masks.structured import full
@@ -220,20 +222,22 @@ def make_block_mask(
 
 
 def _compile(mask, *, q_len, kv_len, block_q, block_kv, batch, heads, restrict_to=None, width=None) -> BlockMask:
-    with jax.ensure_compile_time_eval():
-        grid = BlockGrid.create(q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv, batch=batch, heads=heads)
-        any_visible, all_visible = mask.block_visibility(grid)
-        # A block holding padding keys is never full: the padding must be masked.
-        all_visible = all_visible & (grid.kv_start + block_kv <= kv_len)
-        if restrict_to is not None:
-            any_visible, all_visible = any_visible & restrict_to, all_visible & restrict_to
-        shape = jnp.broadcast_shapes(any_visible.shape, all_visible.shape, (1, 1, grid.num_q_blocks, grid.num_kv_blocks))
-        any_visible = jnp.broadcast_to(any_visible, shape)
-        all_visible = jnp.broadcast_to(all_visible, shape) & any_visible
-        kv_indices, kv_counts, kv_full = _index_lists(any_visible, all_visible, width)
-        q_indices, q_counts, q_full = _index_lists(any_visible.swapaxes(-1, -2), all_visible.swapaxes(-1, -2), None)
-        totals = kv_counts.sum(-1)
-        max_pairs = grid.num_q_blocks * kv_indices.shape[-1] if _is_traced(totals) else max(int(totals.max()), 1)
+    sizes = dict(q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv, batch=batch, heads=heads)
+    tables = _classify_concretely(mask, restrict_to, sizes)
+    if tables is None:  # traced inputs: everything stays in the trace, lists as wide as nk
+        any_visible, all_visible = _classify(mask, restrict_to, **sizes)
+        num_q_blocks, num_kv_blocks = any_visible.shape[-2:]
+        kv_width = min(width or num_kv_blocks, num_kv_blocks)
+        lists = _both_index_lists(any_visible, all_visible, kv_width=kv_width, q_width=num_q_blocks)
+        max_pairs = num_q_blocks * kv_width
+    else:  # concrete: numpy lists (no compilation per shape), as wide as the busiest row
+        any_visible, all_visible = tables
+        kv_width = max(int(any_visible.sum(-1).max()), 1)
+        q_width = max(int(any_visible.sum(-2).max()), 1)
+        lists = _both_index_lists.__wrapped__(any_visible, all_visible, kv_width=kv_width, q_width=q_width, xp=np)
+        lists = tuple(map(jnp.asarray, lists))
+        max_pairs = max(int(any_visible.sum((-1, -2)).max()), 1)
+    kv_indices, kv_counts, kv_full, q_indices, q_counts, q_full = lists
     return BlockMask(
         kv_indices=kv_indices,
         kv_counts=kv_counts,
@@ -250,24 +254,63 @@ def _compile(mask, *, q_len, kv_len, block_q, block_kv, batch, heads, restrict_t
     )
 
 
+def _classify_concretely(mask, restrict_to, sizes):
+    """The visibility tables as numpy arrays, or None when they depend on traced values.
+
+    Runs the compiled classification directly (not as a traced call), so a static mask yields
+    concrete tables even when ``attention`` is called inside ``jit``.
+    """
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((mask, restrict_to))):
+        return None
+    try:
+        tables = _classify.lower(mask, restrict_to, **sizes).compile()(mask, restrict_to)
+    except (jax.errors.UnexpectedTracerError, TypeError):
+        # A from_fn closing over traced values: the compiled call wants them as extra inputs. (A
+        # genuine error in the mask resurfaces from the traced path.)
+        return None
+    return tuple(np.asarray(table) for table in tables)
+
+
+@functools.partial(jax.jit, static_argnames=("q_len", "kv_len", "block_q", "block_kv", "batch", "heads"))
+def _classify(mask, restrict_to, *, q_len, kv_len, block_q, block_kv, batch, heads):
+    """``(any_visible, all_visible)``, bool ``[Bm, Hm, nq, nk]``."""
+    grid = BlockGrid.create(q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv, batch=batch, heads=heads)
+    any_visible, all_visible = mask.block_visibility(grid)
+    # A block holding padding keys is never full: the padding must be masked.
+    all_visible = all_visible & (grid.kv_start + block_kv <= kv_len)
+    if restrict_to is not None:
+        any_visible, all_visible = any_visible & restrict_to, all_visible & restrict_to
+    shape = jnp.broadcast_shapes(any_visible.shape, all_visible.shape, (1, 1, grid.num_q_blocks, grid.num_kv_blocks))
+    any_visible = jnp.broadcast_to(any_visible, shape)
+    return any_visible, jnp.broadcast_to(all_visible, shape) & any_visible
+
+
+@functools.partial(jax.jit, static_argnames=("kv_width", "q_width", "xp"))
+def _both_index_lists(any_visible, all_visible, *, kv_width: int, q_width: int, xp=jnp):
+    return _index_lists(any_visible, all_visible, kv_width, xp) + _index_lists(
+        any_visible.swapaxes(-1, -2), all_visible.swapaxes(-1, -2), q_width, xp
+    )
+
+
 def _is_traced(value) -> bool:
     return isinstance(value, jax.core.Tracer)
 
 
-def _index_lists(any_visible, all_visible, width):
-    """Rows of a ``[..., n_rows, n_cols]`` visibility table as padded, increasing index lists."""
-    num_cols = any_visible.shape[-1]
-    counts = any_visible.sum(-1, dtype=jnp.int32)
-    if width is None:
-        width = num_cols if _is_traced(counts) else max(int(counts.max()), 1)
-    width = min(width, num_cols)
+def _index_lists(any_visible, all_visible, width: int, xp):
+    """Rows of a ``[..., n_rows, n_cols]`` visibility table as padded, increasing index lists.
+
+    ``xp`` is ``numpy`` (concrete tables) or ``jax.numpy`` (traced ones).
+    """
+    counts = any_visible.sum(-1).astype(np.int32)
     # Stable sort of "not visible" puts the visible columns first, in increasing order.
-    order = jnp.argsort(~any_visible, axis=-1, stable=True)[..., :width].astype(jnp.int32)
-    valid = jnp.arange(width, dtype=jnp.int32) < counts[..., None]
-    last = jnp.take_along_axis(order, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
-    indices = jnp.where(valid, order, last)
-    is_full = jnp.take_along_axis(all_visible, indices, axis=-1) & valid
-    return indices, counts, is_full.astype(jnp.int32)
+    not_visible = (~any_visible).astype(np.int8)
+    order = (xp.argsort(not_visible, axis=-1, kind="stable") if xp is np else xp.argsort(not_visible, axis=-1, stable=True))
+    order = order[..., :width].astype(np.int32)
+    valid = xp.arange(width, dtype=np.int32) < counts[..., None]
+    last = xp.take_along_axis(order, xp.maximum(counts - 1, 0)[..., None], axis=-1)
+    indices = xp.where(valid, order, last)
+    is_full = xp.take_along_axis(all_visible, indices, axis=-1) & valid
+    return indices, counts, is_full.astype(np.int32)
 
 
 def _scatter_lists(indices, counts, num_cols, values=None):
