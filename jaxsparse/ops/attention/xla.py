@@ -155,20 +155,27 @@ def _backward_one(q, k, v, lse, d_out, delta, bias, pairs, b, h, *, block_mask: 
     return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), dbias
 
 
-def _axis(size: int) -> int | None:
-    """vmap axis of an operand whose leading dim is 1 (shared) or the full size."""
-    return None if size == 1 else 0
+def _split_shared_axes(tree, batch_size: int, heads_size: int):
+    """Drops the leading ``[Bm, Hm]`` axes of size 1; returns the tree and its vmap axes."""
+    if heads_size == 1:
+        tree = jax.tree.map(lambda x: x[:, 0], tree)
+    if batch_size == 1:
+        tree = jax.tree.map(lambda x: x[0], tree)
+    return tree, (None if batch_size == 1 else 0), (None if heads_size == 1 else 0)
 
 
 def _per_batch_and_head(fn, block_mask: BlockMask, pairs, bias, batch: int, heads: int, num_leading: int):
     """vmaps ``fn(*leading, bias, pairs, b, h)`` over batch and heads.
 
-    The first ``num_leading`` operands are ``[B, H, ...]``; ``bias`` and ``pairs`` may broadcast.
+    The first ``num_leading`` operands are ``[B, H, ...]``; ``bias`` and ``pairs`` may be shared
+    (leading size 1) across batch entries or heads.
     """
-    bias_axes = (None, None) if bias is None else (_axis(bias.shape[0]), _axis(bias.shape[1]))
-    pair_axes = (_axis(block_mask.shape[0]), _axis(block_mask.shape[1]))
-    over_heads = jax.vmap(fn, in_axes=(0,) * num_leading + (bias_axes[1], pair_axes[1], None, 0))
-    over_batch = jax.vmap(over_heads, in_axes=(0,) * num_leading + (bias_axes[0], pair_axes[0], 0, None))
+    pairs, pair_batch_axis, pair_head_axis = _split_shared_axes(pairs, *block_mask.shape[:2])
+    bias_batch_axis = bias_head_axis = None
+    if bias is not None:
+        bias, bias_batch_axis, bias_head_axis = _split_shared_axes(bias, *bias.shape[:2])
+    over_heads = jax.vmap(fn, in_axes=(0,) * num_leading + (bias_head_axis, pair_head_axis, None, 0))
+    over_batch = jax.vmap(over_heads, in_axes=(0,) * num_leading + (bias_batch_axis, pair_batch_axis, 0, None))
     return lambda *leading: over_batch(*leading, bias, pairs, jnp.arange(batch), jnp.arange(heads))
 
 
