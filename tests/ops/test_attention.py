@@ -260,3 +260,27 @@ def test_bad_input_raises_a_clear_error(name, change, error, message):
 def test_block_sizes_must_be_positive():
     with pytest.raises(ValueError, match="block_q"):
         BlockSizes(block_q=0)
+
+
+class TestPallasGpu(AttentionContract):
+    """The Triton kernels in interpret mode (CPU)."""
+
+    implementation = "pallas_gpu"
+    block_sizes = BlockSizes(block_q=16, block_kv=32)
+    length = 72
+
+
+@pytest.mark.parametrize(
+    "implementation, kwargs, error, message",
+    [
+        ("pallas_gpu", dict(block_sizes=BlockSizes(block_q=24, block_kv=32)), ValueError, "block_q"),
+        ("pallas_gpu", dict(bias=jnp.zeros((1, 1, 32, 32))), NotImplementedError, "bias"),
+        ("pallas_tpu", dict(block_sizes=BlockSizes(block_q=12, block_kv=128)), ValueError, "block_q"),
+        ("pallas_tpu", dict(block_sizes=BlockSizes(block_q=16, block_kv=64)), ValueError, "block_kv"),
+        ("pallas_tpu", dict(bias=jnp.zeros((1, 1, 32, 32))), NotImplementedError, "bias"),
+    ],
+)
+def test_pallas_rejects_what_it_cannot_tile(implementation, kwargs, error, message):
+    q = jnp.ones((1, 32, 2, 16))
+    with pytest.raises(error, match=message):
+        attention(q, q, q, masks.causal(), implementation=implementation, **kwargs)
