@@ -36,7 +36,7 @@ def tpu_interpret_races_found() -> bool | None:
     """Whether the last TPU-interpreted kernel run with ``detect_races=True`` found a data race.
 
     Reads the interpreter's private race-detection state (jax 0.10: ``races.races_found`` in
-    ``jax._src.pallas.mosaic.interpret.interpret_pallas_call``); None where this JAX has no such state.
+    ``jax._src.pallas.mosaic.interpret.interpret_pallas_call``); None where this JAX has none.
     """
     try:
         from jax._src.pallas.mosaic.interpret import interpret_pallas_call
@@ -44,3 +44,27 @@ def tpu_interpret_races_found() -> bool | None:
         return None
     races = getattr(interpret_pallas_call, "races", None)
     return None if races is None else bool(races.races_found)
+
+
+def tpu_lowering_without_tpu(chip_version: str = "v5e"):
+    """Context manager that lets ``jax.export(..., platforms=["tpu"])`` lower Mosaic kernels on CPU.
+
+    Mosaic lowering asks for the current device's TPU generation; on a machine without a TPU the
+    device kind is "cpu". This registers "cpu" as ``chip_version`` in the (private, jax 0.10)
+    ``tpu_info.registry`` for the duration, so a test can check that a kernel lowers to Mosaic
+    (no unsupported primitive) without TPU hardware. The Mosaic compiler itself does not run.
+    """
+    import contextlib
+
+    from jax._src.pallas.mosaic import tpu_info
+
+    @contextlib.contextmanager
+    def registered():
+        info = tpu_info._get_tpu_info_impl(tpu_info.ChipVersion(chip_version), 1)
+        tpu_info.registry["cpu"] = lambda: info
+        try:
+            yield
+        finally:
+            del tpu_info.registry["cpu"]
+
+    return registered()

@@ -1,0 +1,1 @@
+"""Benchmark scripts: each prints a table and regenerates its section of BENCHMARKS.md."""
