@@ -1,11 +1,14 @@
 """Tolerances and comparison helpers shared by the test suite (and by users testing their own ops).
 
-One table, by dtype and by forward/gradient. Every loosening has a reason next to it.
+One table, by dtype and by forward/gradient. Every loosening has a reason next to it. Also the
+wall-clock helper the benchmark scripts share (speed is measured in benchmarks, never asserted).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -86,3 +89,14 @@ def assert_allclose(actual, expected, *, dtype=None, kind: str = "forward", err_
 def random_normal(key, shape, dtype=jnp.float32, scale: float = 1.0) -> jax.Array:
     """Standard normal test data (never zeros), cast to ``dtype``."""
     return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def median_time(fn, *args, repeats: int = 3) -> float:
+    """Median wall time in seconds of ``fn(*args)`` after one warm-up (compilation) call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

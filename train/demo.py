@@ -8,23 +8,12 @@ side by side.
 from __future__ import annotations
 
 import argparse
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxsparse import BlockSizes, attention, make_block_mask, masks
-
-
-def _median_time(fn, *args, repeats=3):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+from jaxsparse.testing import median_time
 
 
 def _max_error(a, b):
@@ -66,7 +55,7 @@ def main(argv=None):
         error = _max_error(grad["xla"](q, k, v), grad["reference"](q, k, v))
         dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True))
         sparse = jax.jit(lambda q, k, v: attention(q, k, v, block_mask, block_sizes=sizes))
-        speedup = _median_time(dense, q, k, v) / _median_time(sparse, q, k, v)
+        speedup = median_time(dense, q, k, v) / median_time(sparse, q, k, v)
         rows.append((name, float(block_mask.density), error, speedup))
     print(f"{'mask':44s} {'block density':>13s} {'max |xla - reference|':>22s} {'speed-up vs dense causal':>25s}")
     for name, density, error, speedup in rows:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jaxsparse import BlockMask, BlockSizes, attention, make_block_mask, masks
@@ -123,6 +123,22 @@ class AttentionContract:
         assert np.all(np.asarray(out[:, :20]) == 0)
         assert np.all(np.asarray(lse[:, :, :20]) == -np.inf)
         assert np.all(np.asarray(dq[:, :20]) == 0)
+
+    @settings(max_examples=5, suppress_health_check=[HealthCheck.differing_executors])
+    @given(
+        mask_name=st.sampled_from(sorted(MASKS)),
+        q_extra=st.integers(-40, 40),
+        kv_extra=st.integers(-40, 40),
+        heads_and_kv_heads=st.sampled_from([(2, 1), (4, 2), (4, 4)]),
+        dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+        softcap=st.sampled_from([None, 4.0]),
+    )
+    def test_hypothesis_cases(self, mask_name, q_extra, kv_extra, heads_and_kv_heads, dtype, softcap):
+        if mask_name == "per_head_windows":
+            heads_and_kv_heads = (4, 2)
+        heads, kv_heads = heads_and_kv_heads
+        self.check(mask_name=mask_name, q_len=self.length + q_extra, kv_len=self.length + kv_extra, heads=heads,
+                   kv_heads=kv_heads, dtype=dtype, softcap=softcap, head_dim=16)
 
     def test_block_mask_from_indices(self):
         """Run-time block choices (top-k over random scores) feed the same kernels."""
@@ -306,3 +322,16 @@ class TestPallasTpu(AttentionContract):
     block_sizes = BlockSizes(block_q=32, block_kv=128)
     length = 200
     masks_to_test = ["causal", "sinks_or_window", "document_causal", "per_head_windows", "empty_rows", "prefix_lm"]
+
+
+@pytest.mark.parametrize("implementation", ["pallas_tpu", "pallas_gpu"])
+def test_compiled_kernels_reject_masks_that_gather_with_a_clear_error(implementation):
+    """On hardware (interpret=False), masks indexing arrays inside a tile are refused up front."""
+    from jaxsparse.ops.attention.kernel_inputs import check_common_support
+
+    documents = make_block_mask(masks.causal() & masks.document(jnp.array([0, 0, 1, 1] * 8)), q_len=32, kv_len=32)
+    with pytest.raises(NotImplementedError, match="use implementation='xla'"):
+        check_common_support(implementation, documents, jnp.float32, None, interpret=False)
+    check_common_support(implementation, documents, jnp.float32, None, interpret=True)
+    structured = make_block_mask(masks.causal() & masks.per_head([masks.sliding_window(4), masks.full()]), q_len=32, kv_len=32)
+    check_common_support(implementation, structured, jnp.bfloat16, None, interpret=False)

@@ -13,7 +13,7 @@ from jaxsparse.ops.attention.config import BlockSizes
 from jaxsparse.ops.attention.reference import reference_attention
 
 # implementation name -> module with ``attend`` (the differentiable internal-layout function) and
-# ``check_support(block_sizes, head_dim, bias)``; imported lazily so that CPU users never load Triton.
+# ``check_support(block_mask, head_dim, dtype, bias)``; imported lazily so that CPU users never load Triton.
 _BACKENDS = {
     "xla": "jaxsparse.ops.attention.xla",
     "pallas_tpu": "jaxsparse.ops.attention.pallas_tpu",
@@ -96,7 +96,7 @@ def attention(
 
     block_mask = _block_mask(mask, block_sizes, batch, heads, q_len, kv_len)
     backend = importlib.import_module(_BACKENDS[implementation])
-    backend.check_support(block_mask.block_q, block_mask.block_kv, head_dim, q.dtype, bias)
+    backend.check_support(block_mask, head_dim, q.dtype, bias)
     q_padded = _pad_axis(q, 1, block_mask.num_q_blocks * block_mask.block_q).transpose(0, 2, 1, 3)
     kv_padded_len = block_mask.num_kv_blocks * block_mask.block_kv
     k_padded = _pad_axis(k, 1, kv_padded_len).transpose(0, 2, 1, 3)

@@ -14,16 +14,15 @@ from pallas_kernels.common import compat
 from pallas_kernels.tpu import block_sparse_attention as kernel
 
 from jaxsparse.masks.block_mask import BlockMask
-from jaxsparse.ops.attention.differentiable import differentiable
-from jaxsparse.ops.attention.kernel_inputs import check_common_support, element_mask_inputs, interpret_on
+from jaxsparse.ops.attention.kernel_inputs import check_common_support, differentiable_kernels, interpret_on
 
 NAME = "pallas_tpu"
 
 
-def check_support(block_q: int, block_kv: int, head_dim: int, dtype, bias) -> None:
+def check_support(block_mask: BlockMask, head_dim: int, dtype, bias) -> None:
     """Raises unless the Mosaic kernel can tile these sizes here."""
-    interpret_on("tpu", NAME)
-    check_common_support(NAME, dtype, bias)
+    check_common_support(NAME, block_mask, dtype, bias, interpret=interpret_on("tpu", NAME))
+    block_q, block_kv = block_mask.block_q, block_mask.block_kv
     if block_q % 8:
         raise ValueError(f"implementation='pallas_tpu' needs block_sizes.block_q to be a multiple of 8, got {block_q}")
     if block_kv % 128:
@@ -35,25 +34,4 @@ def _interpret():
     return compat.tpu_interpret_params() if interpret_on("tpu", NAME) else False
 
 
-def _forward(q, k, v, bias, block_mask: BlockMask, *, scale, softcap):
-    del bias  # rejected by check_support
-    leaves, element_mask = element_mask_inputs(block_mask)
-    return kernel.block_sparse_attention_forward(
-        q, k, v, block_mask.kv_indices, block_mask.kv_counts, block_mask.kv_full, leaves,
-        element_mask=element_mask, scale=scale, softcap=softcap, block_q=block_mask.block_q,
-        block_kv=block_mask.block_kv, interpret=_interpret(),
-    )
-
-
-def _backward(q, k, v, bias, block_mask: BlockMask, out, lse, d_out, delta, *, scale, softcap):
-    leaves, element_mask = element_mask_inputs(block_mask)
-    dq, dk, dv = kernel.block_sparse_attention_backward(
-        q, k, v, out, lse, d_out, block_mask.kv_indices, block_mask.kv_counts, block_mask.kv_full,
-        block_mask.q_indices, block_mask.q_counts, block_mask.q_full, leaves,
-        element_mask=element_mask, scale=scale, softcap=softcap, block_q=block_mask.block_q,
-        block_kv=block_mask.block_kv, interpret=_interpret(), delta=delta,
-    )
-    return dq, dk, dv, None
-
-
-attend = differentiable(_forward, _backward)
+attend = differentiable_kernels(kernel, _interpret)

@@ -254,6 +254,6 @@ def xla_backward(q, k, v, bias, block_mask: BlockMask, out, lse, d_out, delta, *
 attend = differentiable(xla_forward, xla_backward)
 
 
-def check_support(block_q: int, block_kv: int, head_dim: int, dtype, bias) -> None:
-    """The XLA implementation tiles any sizes and supports bias: nothing to reject."""
-    del block_q, block_kv, head_dim, dtype, bias
+def check_support(block_mask: BlockMask, head_dim: int, dtype, bias) -> None:
+    """The XLA implementation tiles any sizes, masks and biases: nothing to reject."""
+    del block_mask, head_dim, dtype, bias
