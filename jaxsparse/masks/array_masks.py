@@ -21,6 +21,12 @@ def _gather(array, b, idx):
     return array[b, idx]
 
 
+def _fit_length(values, length: int):
+    """``values [B', L]`` cut or edge-padded to ``[B', length]``, as int32."""
+    values = values[:, :length]
+    return jnp.pad(values, ((0, 0), (0, length - values.shape[1])), mode="edge").astype(jnp.int32)
+
+
 def _block_min_max(values, block: int, num_blocks: int):
     """Per-block min and max of ``values`` ``[B', L]``, padding by repeating the last entry.
 
@@ -40,6 +46,12 @@ class Document(Mask):
 
     def __call__(self, b, h, q_idx, kv_idx):
         return _gather(self.q_segment_ids, b, q_idx) == _gather(self.kv_segment_ids, b, kv_idx)
+
+    def tile_operands(self, q_len, kv_len):
+        return _fit_length(self.q_segment_ids, q_len), _fit_length(self.kv_segment_ids, kv_len), None
+
+    def tile_visible(self, rows, columns, scalars, b, h, q_idx, kv_idx):
+        return rows == columns
 
     def block_visibility(self, grid: BlockGrid):
         q_min, q_max = _block_min_max(self.q_segment_ids[:, : grid.q_len], grid.block_q, grid.num_q_blocks)
@@ -62,6 +74,12 @@ class PrefixLM(Mask):
         prefix = self.prefix_len[0] if self.prefix_len.shape[0] == 1 else self.prefix_len[b]
         return (kv_idx < prefix) | (kv_idx <= q_idx)
 
+    def tile_operands(self, q_len, kv_len):
+        return None, None, self.prefix_len
+
+    def tile_visible(self, rows, columns, scalars, b, h, q_idx, kv_idx):
+        return (kv_idx < scalars) | (kv_idx <= q_idx)
+
     def block_visibility(self, grid: BlockGrid):
         prefix = self.prefix_len[:, None, None, None]
         lo, hi = grid.offset_range()
@@ -79,6 +97,15 @@ class GlobalTokens(Mask):
 
     def __call__(self, b, h, q_idx, kv_idx):
         return self._is_global(q_idx) | self._is_global(kv_idx)
+
+    def tile_operands(self, q_len, kv_len):
+        def flags(length):
+            return jnp.zeros((1, length), jnp.int32).at[0, self.positions].set(1, mode="drop")
+
+        return flags(q_len), flags(kv_len), None
+
+    def tile_visible(self, rows, columns, scalars, b, h, q_idx, kv_idx):
+        return (rows != 0) | (columns != 0)
 
     def block_visibility(self, grid: BlockGrid):
         q_count = _count_per_block(self.positions, grid.block_q, grid.num_q_blocks)[:, None]

@@ -104,6 +104,26 @@ class Mask:
         """
         raise NotImplementedError
 
+    def tile_operands(self, q_len: int, kv_len: int):
+        """Arrays a kernel must slice per tile to evaluate this mask without gathers.
+
+        Returns ``(rows, columns, scalars)``: pytrees (None when empty) of int32 arrays ``[B', T]``
+        (one value per query position), ``[B', S]`` (one per key position) and ``[B']`` (one per
+        sequence), ``B'`` being 1 or the batch size. Masks without arrays have none.
+        """
+        del q_len, kv_len
+        return None, None, None
+
+    def tile_visible(self, rows, columns, scalars, b, h, q_idx, kv_idx) -> jax.Array:
+        """Elementwise visibility inside one tile, from the tile's slices of :meth:`tile_operands`.
+
+        ``rows`` holds ``[block_q, 1]`` values of the tile's queries, ``columns`` ``[1, block_kv]``
+        values of its keys, ``scalars`` the values of batch entry ``b`` (same tree structures as
+        :meth:`tile_operands`). Equals ``self(b, h, q_idx, kv_idx)``; masks without arrays use it.
+        """
+        del rows, columns, scalars
+        return self(b, h, q_idx, kv_idx)
+
     def __and__(self, other: Mask) -> Mask:
         from jaxsparse.masks.combinators import And
 

@@ -24,6 +24,13 @@ class And(Mask):
     def __call__(self, b, h, q_idx, kv_idx):
         return self.left(b, h, q_idx, kv_idx) & self.right(b, h, q_idx, kv_idx)
 
+    def tile_operands(self, q_len, kv_len):
+        return _zip_operands(self.left.tile_operands(q_len, kv_len), self.right.tile_operands(q_len, kv_len))
+
+    def tile_visible(self, rows, columns, scalars, b, h, q_idx, kv_idx):
+        left = self.left.tile_visible(rows[0], columns[0], scalars[0], b, h, q_idx, kv_idx)
+        return left & self.right.tile_visible(rows[1], columns[1], scalars[1], b, h, q_idx, kv_idx)
+
     def block_visibility(self, grid: BlockGrid):
         left_any, left_all = self.left.block_visibility(grid)
         right_any, right_all = self.right.block_visibility(grid)
@@ -40,6 +47,13 @@ class Or(Mask):
     def __call__(self, b, h, q_idx, kv_idx):
         return self.left(b, h, q_idx, kv_idx) | self.right(b, h, q_idx, kv_idx)
 
+    def tile_operands(self, q_len, kv_len):
+        return _zip_operands(self.left.tile_operands(q_len, kv_len), self.right.tile_operands(q_len, kv_len))
+
+    def tile_visible(self, rows, columns, scalars, b, h, q_idx, kv_idx):
+        left = self.left.tile_visible(rows[0], columns[0], scalars[0], b, h, q_idx, kv_idx)
+        return left | self.right.tile_visible(rows[1], columns[1], scalars[1], b, h, q_idx, kv_idx)
+
     def block_visibility(self, grid: BlockGrid):
         left_any, left_all = self.left.block_visibility(grid)
         right_any, right_all = self.right.block_visibility(grid)
@@ -54,6 +68,12 @@ class Not(Mask):
 
     def __call__(self, b, h, q_idx, kv_idx):
         return ~self.inner(b, h, q_idx, kv_idx)
+
+    def tile_operands(self, q_len, kv_len):
+        return self.inner.tile_operands(q_len, kv_len)
+
+    def tile_visible(self, rows, columns, scalars, b, h, q_idx, kv_idx):
+        return ~self.inner.tile_visible(rows, columns, scalars, b, h, q_idx, kv_idx)
 
     def block_visibility(self, grid: BlockGrid):
         inner_any, inner_all = self.inner.block_visibility(grid)
@@ -73,6 +93,18 @@ class PerHead(Mask):
             visible = jnp.where(h == head, mask(b, h, q_idx, kv_idx), visible)
         return visible
 
+    def tile_operands(self, q_len, kv_len):
+        return _zip_operands(*(mask.tile_operands(q_len, kv_len) for mask in self.masks))
+
+    def tile_visible(self, rows, columns, scalars, b, h, q_idx, kv_idx):
+        h = jnp.asarray(h)
+        shape = jnp.broadcast_shapes(jnp.shape(b), h.shape, jnp.shape(q_idx), jnp.shape(kv_idx))
+        visible = jnp.zeros(shape, bool)
+        for head, mask in enumerate(self.masks):
+            head_visible = mask.tile_visible(rows[head], columns[head], scalars[head], b, h, q_idx, kv_idx)
+            visible = jnp.where(h == head, head_visible, visible)
+        return visible
+
     def block_visibility(self, grid: BlockGrid):
         answers = [mask.block_visibility(grid) for mask in self.masks]
         batch = max(jnp.ndim(a) == 4 and a.shape[0] or 1 for pair in answers for a in pair)
@@ -80,6 +112,11 @@ class PerHead(Mask):
         any_visible = jnp.concatenate([jnp.broadcast_to(a, shape) for a, _ in answers], axis=1)
         all_visible = jnp.concatenate([jnp.broadcast_to(a, shape) for _, a in answers], axis=1)
         return any_visible, all_visible
+
+
+def _zip_operands(*operands):
+    """Per-child ``(rows, columns, scalars)`` regrouped as ``(rows per child, columns per child, ...)``."""
+    return tuple(tuple(child[kind] for child in operands) for kind in range(3))
 
 
 def per_head(masks: Sequence[Mask]) -> Mask:

@@ -20,11 +20,21 @@ where ``visible`` is all-true in full tiles (kv_full == 1) and ``element_mask(..
 ones. Softmax statistics are float32; matmuls run in the input dtype with float32 accumulation. A
 row with nothing visible yields o = 0, lse = -inf and zero gradients, never NaN.
 
+Mask operands (``mask_operands = (row_operands, column_operands, scalar_operands)``) reach
+``element_mask`` as per-tile values, never as whole arrays to index, so no gather is needed:
+  row operand int32 [Bo, Tp]: one value per query position; ``element_mask`` sees the [block_q, 1]
+    tile of the current q block (a BlockSpec'd tile in the forward and dQ kernels, a
+    ``pl.ds`` slice per listed q block in the dK/dV kernel);
+  column operand int32 [Bo, Sp]: one value per key position; ``element_mask`` sees the
+    [1, block_kv] tile of the current kv block (a ``pl.ds`` slice per listed kv block like K in
+    the forward and dQ kernels, a BlockSpec'd tile in the dK/dV kernel);
+  scalar operand int32 [Bo]: one value per sequence, delivered as a 0-d block (entry b).
+Bo in {1, B}; Bo == 1 broadcasts over the batch (row 0 / entry 0 for every b).
+
 Triton notes: block sizes and head dims must be powers of two (>= 16 for ``tl.dot``); the loops
-have data-dependent trip counts but no Python-level data-dependent control flow. Each mask leaf is
-loaded whole, so on a real GPU its size must be a power of two, and ``element_mask`` must avoid
-gathers (the Triton lowering has no ``gather``): arithmetic on q_idx / kv_idx and scalar leaves
-lowers, ``seg[b, q_idx]`` does not (it runs in interpret mode only).
+have data-dependent trip counts but no Python-level data-dependent control flow. ``element_mask``
+must itself avoid gathers and stick to elementwise arithmetic and comparisons on its tiles,
+scalars, b, h, q_idx and kv_idx (the Triton lowering has no ``gather``).
 """
 
 from __future__ import annotations
@@ -44,6 +54,8 @@ BACKWARD_DQ_NAME = "jaxsparse_block_sparse_attention_bwd_dq"
 BACKWARD_DKV_NAME = "jaxsparse_block_sparse_attention_bwd_dkv"
 
 ElementMask = Callable[..., jax.Array]
+# (row_operands [Bo, Tp] each, column_operands [Bo, Sp] each, scalar_operands [Bo] each), int32.
+MaskOperands = tuple[Sequence[jax.Array], Sequence[jax.Array], Sequence[jax.Array]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,19 +76,19 @@ def _zero_if_infinite(x):
     return jnp.where(jnp.isneginf(x), 0.0, x)
 
 
-def _tile_scores(q, k, *, is_full, mask_args, q_start, kv_start, scale, softcap, element_mask):
+def _tile_scores(q, k, *, is_full, visible_fn, q_start, kv_start, scale, softcap):
     """Scaled, soft-capped and masked scores of one tile.
 
     Args:
       q: [block_q, D] query tile.
       k: [block_kv, D] key tile.
       is_full: int32 scalar; nonzero means every element of the tile is visible.
-      mask_args: (leaves, b, h) forwarded to ``element_mask``.
+      visible_fn: ``visible_fn(q_idx, kv_idx) -> bool [block_q, block_kv]``, the element mask of
+        this tile (it loads its own mask tiles); traced inside the partial-tile branch only.
       q_start: int32 scalar, absolute position of the tile's first query.
       kv_start: int32 scalar, absolute position of the tile's first key.
       scale: multiplies q.k.
       softcap: None or the cap c.
-      element_mask: see :func:`block_sparse_attention_forward`.
 
     Returns:
       (s, capped_tanh): s float32 [block_q, block_kv] with -inf where invisible; capped_tanh is
@@ -90,19 +102,52 @@ def _tile_scores(q, k, *, is_full, mask_args, q_start, kv_start, scale, softcap,
         s = softcap * capped_tanh
 
     def apply_element_mask(scores):
-        leaves, b, h = mask_args
         q_idx = q_start + jnp.arange(block_q, dtype=jnp.int32)[:, None]
         kv_idx = kv_start + jnp.arange(block_kv, dtype=jnp.int32)[None, :]
-        visible = element_mask(leaves, b, h, q_idx, kv_idx)
-        return jnp.where(visible, scores, -jnp.inf)
+        return jnp.where(visible_fn(q_idx, kv_idx), scores, -jnp.inf)
 
     s = lax.cond(is_full != 0, lambda scores: scores, apply_element_mask, s)
     return s, capped_tanh
 
 
-def _load_leaves(leaf_refs, leaf_shapes):
-    """Loads the mask leaves and restores their shapes (0-d leaves travel as shape (1,))."""
-    return tuple(ref[...].reshape(shape) for ref, shape in zip(leaf_refs, leaf_shapes))
+def _split_mask_refs(refs, operand_counts):
+    """Splits the kernel refs after the metadata into (row, column, scalar) refs and the rest."""
+    groups, offset = [], 0
+    for count in operand_counts:
+        groups.append(tuple(refs[offset:offset + count]))
+        offset += count
+    return tuple(groups), refs[offset:]
+
+
+def _load_scalars(mask_refs):
+    """Loads the program's mask scalars (0-d blocks: entry b, or 0 when Bo == 1), once per
+    program, before its loop."""
+    return tuple(ref[...] for ref in mask_refs[2])
+
+
+def _make_visible_fn(element_mask, mask_refs, scalars, b, h, *, row_slice, column_slice):
+    """The per-tile element mask of one kernel step.
+
+    Args:
+      element_mask: the user's mask, see :func:`block_sparse_attention_forward`.
+      mask_refs: (row refs, column refs, scalar refs) of this program.
+      scalars: the loaded scalars, from :func:`_load_scalars`.
+      b, h: int32 program ids.
+      row_slice, column_slice: index for the row / column refs: ``...`` for a BlockSpec'd tile,
+        a ``pl.ds`` for a whole-sequence ref.
+
+    Returns:
+      ``visible_fn(q_idx, kv_idx)`` for :func:`_tile_scores`; row and column tiles are loaded
+      inside the partial-tile branch, so full tiles do not read them.
+    """
+    row_refs, column_refs, _ = mask_refs
+
+    def visible_fn(q_idx, kv_idx):
+        row_tiles = tuple(ref[row_slice][:, None] for ref in row_refs)
+        column_tiles = tuple(ref[column_slice][None, :] for ref in column_refs)
+        return element_mask(row_tiles, column_tiles, scalars, b, h, q_idx, kv_idx)
+
+    return visible_fn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,26 +156,29 @@ def _load_leaves(leaf_refs, leaf_shapes):
 
 def _forward_kernel(
     q_ref, k_ref, v_ref, kv_indices_ref, kv_counts_ref, kv_full_ref, *refs,
-    leaf_shapes, element_mask, scale, softcap, block_q, block_kv,
+    operand_counts, element_mask, scale, softcap, block_q, block_kv,
 ):
     """One (batch, query head, q block): online softmax over the q block's kv list.
 
-    Refs: q [block_q, D]; k, v [Sp, D]; kv_indices, kv_full [max_kv]; kv_counts []; the mask
-    leaves; outputs o [block_q, D] and lse [block_q].
+    Refs: q [block_q, D]; k, v [Sp, D]; kv_indices, kv_full [max_kv]; kv_counts []; mask rows
+    [block_q], mask columns [Sp], mask scalars []; outputs o [block_q, D] and lse [block_q].
     """
-    leaf_refs, (o_ref, lse_ref) = refs[: len(leaf_shapes)], refs[len(leaf_shapes):]
+    mask_refs, (o_ref, lse_ref) = _split_mask_refs(refs, operand_counts)
     batch, head, q_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    mask_args = (_load_leaves(leaf_refs, leaf_shapes), batch, head)
+    scalars = _load_scalars(mask_refs)
     q = q_ref[...]
 
     def visit_kv_block(step, carry):
         acc, row_max, row_sum = carry
         kv_block = kv_indices_ref[step]
         kv_slice = pl.ds(kv_block * block_kv, block_kv)
+        visible_fn = _make_visible_fn(
+            element_mask, mask_refs, scalars, batch, head, row_slice=..., column_slice=kv_slice
+        )
         s, _ = _tile_scores(
-            q, k_ref[kv_slice, :], is_full=kv_full_ref[step], mask_args=mask_args,
+            q, k_ref[kv_slice, :], is_full=kv_full_ref[step], visible_fn=visible_fn,
             q_start=q_block * block_q, kv_start=kv_block * block_kv, scale=scale,
-            softcap=softcap, element_mask=element_mask,
+            softcap=softcap,
         )
         new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
         shift = _zero_if_infinite(new_max)
@@ -155,16 +203,16 @@ def _forward_kernel(
 
 def _backward_dq_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kv_indices_ref, kv_counts_ref, kv_full_ref,
-    *refs, leaf_shapes, element_mask, scale, softcap, block_q, block_kv,
+    *refs, operand_counts, element_mask, scale, softcap, block_q, block_kv,
 ):
     """One (batch, query head, q block): dQ accumulated over the q block's kv list.
 
     Refs: q, do [block_q, D]; k, v [Sp, D]; lse, delta [block_q]; kv_indices, kv_full [max_kv];
-    kv_counts []; the mask leaves; output dq [block_q, D].
+    kv_counts []; mask rows [block_q], mask columns [Sp], mask scalars []; output dq [block_q, D].
     """
-    leaf_refs, (dq_ref,) = refs[: len(leaf_shapes)], refs[len(leaf_shapes):]
+    mask_refs, (dq_ref,) = _split_mask_refs(refs, operand_counts)
     batch, head, q_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    mask_args = (_load_leaves(leaf_refs, leaf_shapes), batch, head)
+    scalars = _load_scalars(mask_refs)
     q, do = q_ref[...], do_ref[...]
     lse_shift = _zero_if_infinite(lse_ref[...])[:, None]
     delta = delta_ref[...][:, None]
@@ -173,9 +221,12 @@ def _backward_dq_kernel(
         kv_block = kv_indices_ref[step]
         kv_slice = pl.ds(kv_block * block_kv, block_kv)
         k = k_ref[kv_slice, :]
+        visible_fn = _make_visible_fn(
+            element_mask, mask_refs, scalars, batch, head, row_slice=..., column_slice=kv_slice
+        )
         s, capped_tanh = _tile_scores(
-            q, k, is_full=kv_full_ref[step], mask_args=mask_args, q_start=q_block * block_q,
-            kv_start=kv_block * block_kv, scale=scale, softcap=softcap, element_mask=element_mask,
+            q, k, is_full=kv_full_ref[step], visible_fn=visible_fn, q_start=q_block * block_q,
+            kv_start=kv_block * block_kv, scale=scale, softcap=softcap,
         )
         p = jnp.exp(s - lse_shift)
         dp = _matmul(do, v_ref[kv_slice, :], transpose_b=True)
@@ -192,16 +243,17 @@ def _backward_dq_kernel(
 
 def _backward_dkv_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_indices_ref, q_counts_ref, q_full_ref,
-    *refs, leaf_shapes, element_mask, scale, softcap, block_q, block_kv,
+    *refs, operand_counts, element_mask, scale, softcap, block_q, block_kv,
 ):
     """One (batch, query head, kv block): this head's dK, dV over the kv block's q list.
 
     Refs: q, do [Tp, D]; k, v [block_kv, D]; lse, delta [Tp]; q_indices, q_full [max_q];
-    q_counts []; the mask leaves; outputs dk, dv [block_kv, D].
+    q_counts []; mask rows [Tp], mask columns [block_kv], mask scalars []; outputs dk, dv
+    [block_kv, D].
     """
-    leaf_refs, (dk_ref, dv_ref) = refs[: len(leaf_shapes)], refs[len(leaf_shapes):]
+    mask_refs, (dk_ref, dv_ref) = _split_mask_refs(refs, operand_counts)
     batch, head, kv_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    mask_args = (_load_leaves(leaf_refs, leaf_shapes), batch, head)
+    scalars = _load_scalars(mask_refs)
     k, v = k_ref[...], v_ref[...]
 
     def visit_q_block(step, carry):
@@ -209,9 +261,12 @@ def _backward_dkv_kernel(
         q_block = q_indices_ref[step]
         q_slice = pl.ds(q_block * block_q, block_q)
         q, do = q_ref[q_slice, :], do_ref[q_slice, :]
+        visible_fn = _make_visible_fn(
+            element_mask, mask_refs, scalars, batch, head, row_slice=q_slice, column_slice=...
+        )
         s, capped_tanh = _tile_scores(
-            q, k, is_full=q_full_ref[step], mask_args=mask_args, q_start=q_block * block_q,
-            kv_start=kv_block * block_kv, scale=scale, softcap=softcap, element_mask=element_mask,
+            q, k, is_full=q_full_ref[step], visible_fn=visible_fn, q_start=q_block * block_q,
+            kv_start=kv_block * block_kv, scale=scale, softcap=softcap,
         )
         p = jnp.exp(s - _zero_if_infinite(lse_ref[q_slice])[:, None])
         dv_acc = dv_acc + _matmul(p.astype(do.dtype), do, transpose_a=True)
@@ -250,18 +305,57 @@ def _metadata_specs(indices):
     return [list_spec, count_spec, list_spec]
 
 
-def _origin(ndim, *grid_indices):
-    """Index map of a whole-array block: always block (0, ..., 0)."""
-    del grid_indices
-    return (0,) * ndim
+def _check_mask_operands(mask_operands, batch, q_len, kv_len):
+    """Validates ``(row_operands, column_operands, scalar_operands)``; returns them as tuples."""
+    try:
+        rows, columns, scalars = mask_operands
+    except (TypeError, ValueError):
+        raise ValueError(
+            "mask_operands must be (row_operands, column_operands, scalar_operands), got "
+            f"{mask_operands!r}."
+        ) from None
+    groups = tuple(tuple(jnp.asarray(x) for x in group) for group in (rows, columns, scalars))
+    for kind, group, length in zip(("row", "column", "scalar"), groups, (q_len, kv_len, None)):
+        for position, x in enumerate(group):
+            if x.dtype != jnp.int32:
+                raise TypeError(f"{kind} mask operand {position} must be int32, got {x.dtype}.")
+            want = "[1 or B]" if length is None else f"[1 or B, {length}]"
+            ok = x.ndim == (1 if length is None else 2) and x.shape[0] in (1, batch)
+            if not ok or (length is not None and x.shape[1] != length):
+                raise ValueError(
+                    f"{kind} mask operand {position} must have shape {want} with B={batch}, "
+                    f"got {x.shape}."
+                )
+    return groups
 
 
-def _leaf_inputs(mask_leaves):
-    """Mask leaves as whole-array pallas_call inputs: (arrays, specs, original shapes)."""
-    leaves = tuple(jnp.asarray(leaf) for leaf in mask_leaves)
-    arrays = tuple(leaf.reshape(1) if leaf.ndim == 0 else leaf for leaf in leaves)
-    specs = [pl.BlockSpec(a.shape, functools.partial(_origin, a.ndim)) for a in arrays]
-    return arrays, specs, tuple(leaf.shape for leaf in leaves)
+def _batch_block(x, b):
+    """Block index along an operand's batch axis: b, or 0 when the operand broadcasts (Bo == 1)."""
+    return 0 if x.shape[0] == 1 else b
+
+
+def _mask_specs(mask_groups, *, block_q, block_kv, tile_rows):
+    """BlockSpecs of the mask operands on a (batch, head, block) grid.
+
+    With ``tile_rows`` (forward and dQ kernels: the grid's block is a q block) rows arrive as the
+    program's [block_q] tile and columns whole ([Sp], sliced per listed kv block); without (dK/dV
+    kernel: the grid's block is a kv block) columns arrive as the [block_kv] tile and rows whole.
+    Scalars arrive as the 0-d block of entry b (or 0).
+    """
+    rows, columns, scalars = mask_groups
+
+    def tiled(x, size):
+        return pl.BlockSpec((None, size), lambda b, h, i: (_batch_block(x, b), i))
+
+    def whole(x):
+        return pl.BlockSpec((None, x.shape[1]), lambda b, h, i: (_batch_block(x, b), 0))
+
+    def scalar(x):
+        return pl.BlockSpec((None,), lambda b, h, i: (_batch_block(x, b),))
+
+    row_specs = [tiled(x, block_q) if tile_rows else whole(x) for x in rows]
+    column_specs = [whole(x) if tile_rows else tiled(x, block_kv) for x in columns]
+    return [*row_specs, *column_specs, *(scalar(x) for x in scalars)]
 
 
 def _compiler_params(head_dim, num_warps, num_stages):
@@ -319,7 +413,7 @@ def _check_inputs(q, k, v, block_q, block_kv):
 
 
 def block_sparse_attention_forward(
-    q, k, v, kv_indices, kv_counts, kv_full, mask_leaves: Sequence[jax.Array], *,
+    q, k, v, kv_indices, kv_counts, kv_full, mask_operands: MaskOperands, *,
     element_mask: ElementMask, scale: float, softcap: float | None, block_q: int, block_kv: int,
     interpret: bool = False, num_warps: int | None = None, num_stages: int | None = None,
 ):
@@ -340,10 +434,17 @@ def block_sparse_attention_forward(
         q block i visits; entries past ``kv_counts`` are ignored.
       kv_counts: int32 [Bm, Hm, nq], the valid length of each row.
       kv_full: int32 [Bm, Hm, nq, max_kv]; 1 if the tile is entirely visible, 0 if partial.
-      mask_leaves: arrays passed into the kernel as inputs and handed, loaded, to ``element_mask``.
-      element_mask: ``element_mask(leaves, b, h, q_idx, kv_idx) -> bool [block_q, block_kv]`` with
-        b, h int32 scalars, q_idx int32 [block_q, 1] and kv_idx int32 [1, block_kv] absolute
-        positions; called in partial tiles only. It must also hide padded keys.
+      mask_operands: ``(row_operands, column_operands, scalar_operands)``, tuples (any may be
+        empty) of int32 arrays: rows [Bo, Tp] (one value per query position, already padded),
+        columns [Bo, Sp] (one value per key position), scalars [Bo] (one value per sequence);
+        Bo in {1, B}, and Bo == 1 broadcasts over the batch.
+      element_mask: ``element_mask(row_tiles, column_tiles, scalars, b, h, q_idx, kv_idx) ->
+        bool [block_q, block_kv]``: row_tiles a tuple of int32 [block_q, 1] (each row operand's
+        values at the tile's queries, for batch b or row 0 when Bo == 1), column_tiles a tuple of
+        int32 [1, block_kv] (likewise at the tile's keys), scalars a tuple of int32 scalars
+        (entry b, or 0 when Bo == 1), b, h int32 scalars, q_idx int32 [block_q, 1] and kv_idx
+        int32 [1, block_kv] absolute positions. Called in partial tiles only; it must also hide
+        padded keys. On GPU it must not gather (elementwise operations only).
       scale: multiplies q.k.
       softcap: None or c > 0 for s -> c * tanh(s / c).
       block_q, block_kv: tile sizes (powers of two on GPU); Tp % block_q == Sp % block_kv == 0.
@@ -359,17 +460,18 @@ def block_sparse_attention_forward(
     batch, heads, kv_heads, q_len, kv_len, head_dim = _check_inputs(q, k, v, block_q, block_kv)
     num_q_blocks, group = q_len // block_q, heads // kv_heads
     _check_metadata("kv", kv_indices, kv_counts, kv_full, batch, heads, num_q_blocks)
-    leaves, leaf_specs, leaf_shapes = _leaf_inputs(mask_leaves)
+    mask_groups = _check_mask_operands(mask_operands, batch, q_len, kv_len)
     kernel = functools.partial(
-        _forward_kernel, leaf_shapes=leaf_shapes, element_mask=element_mask, scale=scale,
-        softcap=softcap, block_q=block_q, block_kv=block_kv,
+        _forward_kernel, operand_counts=tuple(map(len, mask_groups)), element_mask=element_mask,
+        scale=scale, softcap=softcap, block_q=block_q, block_kv=block_kv,
     )
+    mask_specs = _mask_specs(mask_groups, block_q=block_q, block_kv=block_kv, tile_rows=True)
     q_spec = pl.BlockSpec((None, None, block_q, head_dim), lambda b, h, i: (b, h, i, 0))
     kv_spec = pl.BlockSpec((None, None, kv_len, head_dim), lambda b, h, i: (b, h // group, 0, 0))
     return pl.pallas_call(
         kernel,
         grid=(batch, heads, num_q_blocks),
-        in_specs=[q_spec, kv_spec, kv_spec, *_metadata_specs(kv_indices), *leaf_specs],
+        in_specs=[q_spec, kv_spec, kv_spec, *_metadata_specs(kv_indices), *mask_specs],
         out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i))],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -378,12 +480,12 @@ def block_sparse_attention_forward(
         compiler_params=_compiler_params(head_dim, num_warps, num_stages),
         interpret=interpret,
         name=FORWARD_NAME,
-    )(q, k, v, kv_indices, kv_counts, kv_full, *leaves)
+    )(q, k, v, kv_indices, kv_counts, kv_full, *(x for group in mask_groups for x in group))
 
 
 def block_sparse_attention_backward(
     q, k, v, o, lse, do, kv_indices, kv_counts, kv_full, q_indices, q_counts, q_full,
-    mask_leaves: Sequence[jax.Array], *,
+    mask_operands: MaskOperands, *,
     element_mask: ElementMask, scale: float, softcap: float | None, block_q: int, block_kv: int,
     interpret: bool = False, num_warps: int | None = None, num_stages: int | None = None,
     delta: jax.Array | None = None,
@@ -406,7 +508,7 @@ def block_sparse_attention_backward(
       q_indices: int32 [Bm, Hm, nk, max_q]; row (b, h, j) lists, increasing, the q blocks that
         visit kv block j (the transpose of the kv lists).
       q_counts: int32 [Bm, Hm, nk]; q_full: int32 [Bm, Hm, nk, max_q].
-      mask_leaves, element_mask, scale, softcap, block_q, block_kv, interpret, num_warps,
+      mask_operands, element_mask, scale, softcap, block_q, block_kv, interpret, num_warps,
         num_stages: as in the forward.
       delta: optional float32 [B, H, Tp] replacing rowsum(do * o); pass rowsum(do * o) - dlse to
         include the gradient of a loss that also depends on lse.
@@ -430,11 +532,13 @@ def block_sparse_attention_backward(
         delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
     delta = delta.astype(jnp.float32)
     lse = lse.astype(jnp.float32)
-    leaves, leaf_specs, leaf_shapes = _leaf_inputs(mask_leaves)
+    mask_groups = _check_mask_operands(mask_operands, batch, q_len, kv_len)
+    mask_arrays = tuple(x for group in mask_groups for x in group)
     static = dict(
-        leaf_shapes=leaf_shapes, element_mask=element_mask, scale=scale, softcap=softcap,
-        block_q=block_q, block_kv=block_kv,
+        operand_counts=tuple(map(len, mask_groups)), element_mask=element_mask, scale=scale,
+        softcap=softcap, block_q=block_q, block_kv=block_kv,
     )
+    mask_sizes = dict(block_q=block_q, block_kv=block_kv)
     compiler_params = _compiler_params(head_dim, num_warps, num_stages)
 
     q_tile_spec = pl.BlockSpec((None, None, block_q, head_dim), lambda b, h, i: (b, h, i, 0))
@@ -447,14 +551,14 @@ def block_sparse_attention_backward(
         grid=(batch, heads, num_q_blocks),
         in_specs=[
             q_tile_spec, kv_whole_spec, kv_whole_spec, q_tile_spec, row_tile_spec, row_tile_spec,
-            *_metadata_specs(kv_indices), *leaf_specs,
+            *_metadata_specs(kv_indices), *_mask_specs(mask_groups, tile_rows=True, **mask_sizes),
         ],
         out_specs=q_tile_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=compiler_params,
         interpret=interpret,
         name=BACKWARD_DQ_NAME,
-    )(q, k, v, do, lse, delta, kv_indices, kv_counts, kv_full, *leaves)
+    )(q, k, v, do, lse, delta, kv_indices, kv_counts, kv_full, *mask_arrays)
 
     q_whole_spec = pl.BlockSpec((None, None, q_len, head_dim), lambda b, h, j: (b, h, 0, 0))
     row_whole_spec = pl.BlockSpec((None, None, q_len), lambda b, h, j: (b, h, 0))
@@ -470,14 +574,14 @@ def block_sparse_attention_backward(
         grid=(batch, heads, num_kv_blocks),
         in_specs=[
             q_whole_spec, kv_tile_spec, kv_tile_spec, q_whole_spec, row_whole_spec, row_whole_spec,
-            *_metadata_specs(q_indices), *leaf_specs,
+            *_metadata_specs(q_indices), *_mask_specs(mask_groups, tile_rows=False, **mask_sizes),
         ],
         out_specs=[per_head_spec, per_head_spec],
         out_shape=[per_head_shape, per_head_shape],
         compiler_params=compiler_params,
         interpret=interpret,
         name=BACKWARD_DKV_NAME,
-    )(q, k, v, do, lse, delta, q_indices, q_counts, q_full, *leaves)
+    )(q, k, v, do, lse, delta, q_indices, q_counts, q_full, *mask_arrays)
     if group > 1:
         dk = dk.reshape(batch, kv_heads, group, kv_len, head_dim).sum(axis=2).astype(k.dtype)
         dv = dv.reshape(batch, kv_heads, group, kv_len, head_dim).sum(axis=2).astype(k.dtype)

@@ -6,6 +6,12 @@ previous block index, so it costs no DMA, and its compute is skipped under ``pl.
 flagged full skip the element mask; partial tiles call ``element_mask``. The online softmax
 (FlashAttention, Dao et al. 2022) keeps its statistics in float32 VMEM scratch.
 
+The arrays a mask reads reach the kernels as per-tile operands, as splash attention delivers its
+segment ids: row operands (one value per query position) through BlockSpecs that follow the q
+block, column operands (one value per key position) through the same scalar-prefetched index map
+as K/V, and per-sequence scalars in SMEM. ``element_mask`` thus never gathers, which Mosaic cannot
+lower.
+
 Kernels:
   ``jaxsparse_block_sparse_attention_fwd``      grid (B, H, nq, max_kv): o and logsumexp.
   ``jaxsparse_block_sparse_attention_bwd_dq``   grid (B, H, nq, max_kv): dq.
@@ -74,49 +80,132 @@ class _ListLayout:
         return self.count_offset(b, h, row) * self.width + step
 
 
-@dataclasses.dataclass(frozen=True)
-class _MaskLeaves:
-    """How ``mask_leaves`` enter a kernel and are restored for ``element_mask``.
+# TPU vreg tile: mask operands are laid out so that their blocks satisfy Mosaic's block-shape rules
+# (last block dim a multiple of 128 or the full dim, second-to-last a multiple of 8 or full), as
+# splash attention does for segment ids.
+NUM_LANES = 128
+NUM_SUBLANES = 8
 
-    Mosaic has no 0-d or boolean memory: a 0-d leaf travels as shape (1,) in SMEM and is read back
-    as a scalar; a boolean leaf travels as int32 and is converted back after loading.
+MaskOperands = tuple[Sequence[jax.Array], Sequence[jax.Array], Sequence[jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _MaskOperandLayout:
+    """How ``mask_operands`` enter a kernel and are handed, per tile, to ``element_mask``.
+
+    Each field holds, per operand, whether its batch axis has size 1 (broadcast over batch).
+
+    * Row operands [Bo, Tp] travel as [Bo, Tp, NUM_LANES] (broadcast along lanes) with block
+      (None, block_q, NUM_LANES) following the q block; the kernel reads lane 0: [block_q, 1].
+    * Column operands [Bo, Sp] travel as [Bo, NUM_SUBLANES, Sp] (broadcast along sublanes) with
+      block (None, NUM_SUBLANES, block_kv) following the (listed) kv block; the kernel reads sublane
+      0: [1, block_kv].
+    * Scalar operands [Bo] stay whole in SMEM; the kernel reads entry b (or 0).
     """
 
-    shapes: tuple[tuple[int, ...], ...]
-    dtypes: tuple[jnp.dtype, ...]
+    row_broadcast: tuple[bool, ...]
+    column_broadcast: tuple[bool, ...]
+    scalar_broadcast: tuple[bool, ...]
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.row_broadcast) + len(self.column_broadcast) + len(self.scalar_broadcast)
 
     @classmethod
-    def of(cls, leaves: Sequence[jax.Array]) -> _MaskLeaves:
-        leaves = [jnp.asarray(leaf) for leaf in leaves]
-        return cls(tuple(leaf.shape for leaf in leaves), tuple(leaf.dtype for leaf in leaves))
+    def check(
+        cls, mask_operands: MaskOperands, *, batch: int, q_len: int, kv_len: int
+    ) -> tuple[_MaskOperandLayout, list[jax.Array]]:
+        """Validates ``mask_operands``; returns (layout, kernel inputs in kernel layout)."""
+        try:
+            rows, columns, scalars = mask_operands
+        except (TypeError, ValueError):
+            raise ValueError(
+                "mask_operands must be (row_operands, column_operands, scalar_operands)"
+            ) from None
 
-    def kernel_inputs(self, leaves: Sequence[jax.Array]) -> list[jax.Array]:
-        inputs = []
-        for leaf, shape, dtype in zip(leaves, self.shapes, self.dtypes):
-            leaf = jnp.asarray(leaf).reshape(shape or (1,))
-            inputs.append(leaf.astype(jnp.int32) if dtype == jnp.bool_ else leaf)
-        return inputs
+        def checked(kind, operands, trailing):
+            arrays = []
+            for index, operand in enumerate(operands):
+                operand = jnp.asarray(operand)
+                if (
+                    operand.ndim != 1 + len(trailing)
+                    or operand.shape[0] not in (1, batch)
+                    or operand.shape[1:] != trailing
+                ):
+                    dims = ", ".join(["Bo", *map(str, trailing)])
+                    raise ValueError(
+                        f"{kind} operand {index} must be [{dims}] with Bo in (1, {batch}), got "
+                        f"shape {operand.shape}"
+                    )
+                if not (jnp.issubdtype(operand.dtype, jnp.integer) or operand.dtype == jnp.bool_):
+                    raise TypeError(
+                        f"{kind} operand {index} must be int32 (or another integer or bool dtype), "
+                        f"got {operand.dtype}"
+                    )
+                arrays.append(operand.astype(jnp.int32))
+            return arrays
 
-    def specs(self) -> list[pl.BlockSpec]:
-        """Whole-array specs: the block index never changes, so each leaf is copied in once."""
-        specs = []
-        for shape in self.shapes:
-            if shape:
-                specs.append(pl.BlockSpec(shape, functools.partial(_zeros_index_map, len(shape))))
-            else:
-                specs.append(pl.BlockSpec(memory_space=compat.SMEM))
-        return specs
+        rows = checked("row", rows, (q_len,))
+        columns = checked("column", columns, (kv_len,))
+        scalars = checked("scalar", scalars, ())
+        layout = cls(
+            tuple(x.shape[0] == 1 for x in rows),
+            tuple(x.shape[0] == 1 for x in columns),
+            tuple(x.shape[0] == 1 for x in scalars),
+        )
+        inputs = [
+            *(jnp.broadcast_to(x[:, :, None], (*x.shape, NUM_LANES)) for x in rows),
+            *(jnp.broadcast_to(x[:, None, :], (x.shape[0], NUM_SUBLANES, kv_len)) for x in columns),
+            *scalars,
+        ]
+        return layout, inputs
 
-    def load(self, refs) -> tuple[jax.Array, ...]:
-        values = []
-        for ref, shape, dtype in zip(refs, self.shapes, self.dtypes):
-            value = ref[...] if shape else ref[0]
-            values.append(value.astype(dtype) if dtype == jnp.bool_ else value)
-        return tuple(values)
+    def specs(self, q_block_index_map, kv_block_index_map, *, block_q, block_kv):
+        """BlockSpecs of the kernel inputs.
 
+        Args:
+          q_block_index_map, kv_block_index_map: the grid's index maps of the q and k blocks, each
+            returning (b, head, block, 0); the row (column) operands follow their batch and block.
+        """
 
-def _zeros_index_map(ndim, *_):
-    return (0,) * ndim
+        def row_index_map(broadcast):
+            def index_map(*args):
+                b, _, q_block, _ = q_block_index_map(*args)
+                return (0 if broadcast else b), q_block, 0
+
+            return index_map
+
+        def column_index_map(broadcast):
+            def index_map(*args):
+                b, _, kv_block, _ = kv_block_index_map(*args)
+                return (0 if broadcast else b), 0, kv_block
+
+            return index_map
+
+        return [
+            *(
+                pl.BlockSpec((None, block_q, NUM_LANES), row_index_map(broadcast))
+                for broadcast in self.row_broadcast
+            ),
+            *(
+                pl.BlockSpec((None, NUM_SUBLANES, block_kv), column_index_map(broadcast))
+                for broadcast in self.column_broadcast
+            ),
+            *(pl.BlockSpec(memory_space=compat.SMEM) for _ in self.scalar_broadcast),
+        ]
+
+    def load(self, refs, b):
+        """(row tiles [block_q, 1], column tiles [1, block_kv], scalars) of the current tile."""
+        num_rows, num_columns = len(self.row_broadcast), len(self.column_broadcast)
+        row_refs = refs[:num_rows]
+        column_refs = refs[num_rows : num_rows + num_columns]
+        scalar_refs = refs[num_rows + num_columns :]
+        row_tiles = tuple(ref[:, :1] for ref in row_refs)
+        column_tiles = tuple(ref[:1, :] for ref in column_refs)
+        scalars = tuple(
+            ref[0 if broadcast else b] for ref, broadcast in zip(scalar_refs, self.scalar_broadcast)
+        )
+        return row_tiles, column_tiles, scalars
 
 
 def _interpret_value(interpret):
@@ -149,11 +238,18 @@ def _tile_logits(q, k, *, scale, softcap):
     return softcap * capped, 1.0 - capped * capped
 
 
-def _tile_visibility(element_mask, leaves, b, h, q_block, kv_block, block_q, block_kv):
-    """Calls ``element_mask`` with absolute positions of one tile: bool [block_q, block_kv]."""
+def _tile_visibility(
+    element_mask, operand_layout, operand_refs, b, h, q_block, kv_block, block_q, block_kv
+):
+    """Calls ``element_mask`` on one tile: bool [block_q, block_kv].
+
+    The operand refs hold the tiles of the current q block and kv block (delivered by BlockSpecs);
+    q_idx and kv_idx are absolute positions.
+    """
+    row_tiles, column_tiles, scalars = operand_layout.load(operand_refs, b)
     q_idx = q_block * block_q + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
     kv_idx = kv_block * block_kv + lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
-    return element_mask(leaves, b, h, q_idx, kv_idx)
+    return element_mask(row_tiles, column_tiles, scalars, b, h, q_idx, kv_idx)
 
 
 def _tile_gradients(q, k, v, do, lse, delta, visible, *, scale, softcap):
@@ -190,11 +286,11 @@ def _visit_listed_tile(visit, count, full_flag, step):
 
 def _forward_kernel(
     kv_indices_ref, kv_counts_ref, kv_full_ref, q_ref, k_ref, v_ref, *refs,
-    layout, leaves_info, element_mask, scale, softcap, block_q, block_kv,
+    layout, operand_layout, element_mask, scale, softcap, block_q, block_kv,
 ):
-    num_leaves = len(leaves_info.shapes)
-    leaf_refs = refs[:num_leaves]
-    o_ref, lse_ref, max_ref, sum_ref, acc_ref = refs[num_leaves:]
+    num_operands = operand_layout.num_inputs
+    operand_refs = refs[:num_operands]
+    o_ref, lse_ref, max_ref, sum_ref, acc_ref = refs[num_operands:]
     b, h, q_block, step = (pl.program_id(axis) for axis in range(4))
     entry = layout.entry_offset(b, h, q_block, step)
 
@@ -209,7 +305,7 @@ def _forward_kernel(
         logits, _ = _tile_logits(q_ref[...], k_ref[...], scale=scale, softcap=softcap)
         if apply_mask:
             visible = _tile_visibility(
-                element_mask, leaves_info.load(leaf_refs), b, h, q_block, kv_indices_ref[entry],
+                element_mask, operand_layout, operand_refs, b, h, q_block, kv_indices_ref[entry],
                 block_q, block_kv,
             )
             logits = jnp.where(visible, logits, -jnp.inf)
@@ -239,11 +335,11 @@ def _forward_kernel(
 def _backward_dq_kernel(
     kv_indices_ref, kv_counts_ref, kv_full_ref,
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-    layout, leaves_info, element_mask, scale, softcap, block_q, block_kv,
+    layout, operand_layout, element_mask, scale, softcap, block_q, block_kv,
 ):
-    num_leaves = len(leaves_info.shapes)
-    leaf_refs = refs[:num_leaves]
-    dq_ref, dq_acc_ref = refs[num_leaves:]
+    num_operands = operand_layout.num_inputs
+    operand_refs = refs[:num_operands]
+    dq_ref, dq_acc_ref = refs[num_operands:]
     b, h, q_block, step = (pl.program_id(axis) for axis in range(4))
     entry = layout.entry_offset(b, h, q_block, step)
 
@@ -256,7 +352,7 @@ def _backward_dq_kernel(
         visible = None
         if apply_mask:
             visible = _tile_visibility(
-                element_mask, leaves_info.load(leaf_refs), b, h, q_block, kv_indices_ref[entry],
+                element_mask, operand_layout, operand_refs, b, h, q_block, kv_indices_ref[entry],
                 block_q, block_kv,
             )
         _, ds = _tile_gradients(
@@ -278,11 +374,11 @@ def _backward_dq_kernel(
 def _backward_dkv_kernel(
     q_indices_ref, q_counts_ref, q_full_ref,
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-    layout, leaves_info, element_mask, scale, softcap, block_q, block_kv, group_size,
+    layout, operand_layout, element_mask, scale, softcap, block_q, block_kv, group_size,
 ):
-    num_leaves = len(leaves_info.shapes)
-    leaf_refs = refs[:num_leaves]
-    dk_ref, dv_ref, dk_acc_ref, dv_acc_ref = refs[num_leaves:]
+    num_operands = operand_layout.num_inputs
+    operand_refs = refs[:num_operands]
+    dk_ref, dv_ref, dk_acc_ref, dv_acc_ref = refs[num_operands:]
     b, kv_head, kv_block, step = (pl.program_id(axis) for axis in range(4))
     h, list_step = _query_head_and_list_step(kv_head, step, group_size, layout.width)
     entry = layout.entry_offset(b, h, kv_block, list_step)
@@ -297,7 +393,7 @@ def _backward_dkv_kernel(
         visible = None
         if apply_mask:
             visible = _tile_visibility(
-                element_mask, leaves_info.load(leaf_refs), b, h, q_indices_ref[entry], kv_block,
+                element_mask, operand_layout, operand_refs, b, h, q_indices_ref[entry], kv_block,
                 block_q, block_kv,
             )
         p, ds = _tile_gradients(
@@ -407,7 +503,7 @@ def block_sparse_attention_forward(
     kv_indices: jax.Array,
     kv_counts: jax.Array,
     kv_full: jax.Array,
-    mask_leaves: Sequence[jax.Array],
+    mask_operands: MaskOperands,
     *,
     element_mask: ElementMask,
     scale: float,
@@ -426,12 +522,24 @@ def block_sparse_attention_forward(
         indices per q block; entries past the count repeat the last valid one (0 if none).
       kv_counts: int32 [Bm, Hm, nq]: number of valid entries per row.
       kv_full: int32 [Bm, Hm, nq, max_kv]: 1 where the whole tile is visible (no element mask).
-      mask_leaves: arrays that ``element_mask`` reads, passed into the kernel whole.
-      element_mask: ``(leaves, b, h, q_idx [block_q, 1], kv_idx [1, block_kv]) -> bool
-        [block_q, block_kv]``, evaluated in partial tiles only, with absolute positions.
+      mask_operands: (row_operands, column_operands, scalar_operands), each a tuple (possibly
+        empty) of int32 arrays (other integer or bool dtypes are converted), Bo in {1, B}; Bo == 1
+        broadcasts over batch:
+        row_operands: [Bo, Tp], one value per query position (already padded to Tp);
+        column_operands: [Bo, Sp], one value per key position;
+        scalar_operands: [Bo], one value per sequence.
+        Row and column tiles reach the kernel through BlockSpecs that follow the q block and the
+        listed kv block (no gather), so ``element_mask`` lowers to Mosaic.
+      element_mask: ``(row_tiles, column_tiles, scalars, b, h, q_idx, kv_idx) -> bool
+        [block_q, block_kv]``, evaluated in partial tiles only: row_tiles is a tuple of int32
+        [block_q, 1] (the current q tile of each row operand, batch b or row 0), column_tiles a
+        tuple of int32 [1, block_kv] (the current kv tile of each column operand), scalars a tuple
+        of int32 scalars (entry b, or 0), b and h int32 scalars, q_idx int32 [block_q, 1] and
+        kv_idx int32 [1, block_kv] absolute positions.
       scale: multiplies q.k.
       softcap: None, or c: logits s become c * tanh(s / c) (after scaling, before masking).
-      block_q, block_kv: tile sizes.
+      block_q, block_kv: tile sizes. To compile for TPU, block_q must be a multiple of 8 and, with
+        column operands, block_kv a multiple of 128 (or the full length).
       interpret: True (or ``pltpu.InterpretParams``) to run in the TPU interpreter on CPU.
 
     Returns:
@@ -448,14 +556,16 @@ def block_sparse_attention_forward(
         kv_indices, kv_counts, kv_full, batch=batch, num_heads=num_heads, rows=num_q_blocks,
         name="kv",
     )
-    leaves_info = _MaskLeaves.of(mask_leaves)
+    operand_layout, operand_inputs = _MaskOperandLayout.check(
+        mask_operands, batch=batch, q_len=q_len, kv_len=k.shape[2]
+    )
 
     q_spec = pl.BlockSpec((None, None, block_q, head_dim), _query_block_index_map)
     kv_spec = pl.BlockSpec(
         (None, None, block_kv, head_dim), _listed_kv_block_index_map(layout, group_size)
     )
     kernel = functools.partial(
-        _forward_kernel, layout=layout, leaves_info=leaves_info, element_mask=element_mask,
+        _forward_kernel, layout=layout, operand_layout=operand_layout, element_mask=element_mask,
         scale=scale, softcap=softcap, block_q=block_q, block_kv=block_kv,
     )
     o, lse = pl.pallas_call(
@@ -467,7 +577,12 @@ def block_sparse_attention_forward(
         grid_spec=compat.PrefetchScalarGridSpec(
             num_scalar_prefetch=3,
             grid=(batch, num_heads, num_q_blocks, layout.width),
-            in_specs=[q_spec, kv_spec, kv_spec, *leaves_info.specs()],
+            in_specs=[
+                q_spec, kv_spec, kv_spec,
+                *operand_layout.specs(
+                    q_spec.index_map, kv_spec.index_map, block_q=block_q, block_kv=block_kv
+                ),
+            ],
             out_specs=[q_spec, pl.BlockSpec((None, None, block_q, 1), _query_block_index_map)],
             scratch_shapes=[
                 compat.VMEM((block_q, 1), jnp.float32),
@@ -478,7 +593,7 @@ def block_sparse_attention_forward(
         compiler_params=_compiler_params(),
         interpret=_interpret_value(interpret),
         name=FORWARD_NAME,
-    )(kv_indices, kv_counts, kv_full, q, k, v, *leaves_info.kernel_inputs(mask_leaves))
+    )(kv_indices, kv_counts, kv_full, q, k, v, *operand_inputs)
     return o, lse[..., 0]
 
 
@@ -495,7 +610,7 @@ def block_sparse_attention_backward(
     q_indices: jax.Array,
     q_counts: jax.Array,
     q_full: jax.Array,
-    mask_leaves: Sequence[jax.Array],
+    mask_operands: MaskOperands,
     *,
     element_mask: ElementMask,
     scale: float,
@@ -512,7 +627,8 @@ def block_sparse_attention_backward(
     G = H // K query heads of each kv head.
 
     Args:
-      q, k, v, kv_indices, kv_counts, kv_full, mask_leaves: as for the forward.
+      q, k, v, kv_indices, kv_counts, kv_full, mask_operands: as for the forward (in the dk/dv
+        kernel, row tiles follow the listed q block and column tiles the kv block).
       o: [B, H, Tp, D], the forward output.
       lse: [B, H, Tp] float32, the forward logsumexp.
       do: [B, H, Tp, D], the cotangent of o.
@@ -544,30 +660,31 @@ def block_sparse_attention_backward(
         q_indices, q_counts, q_full, batch=batch, num_heads=num_heads, rows=num_kv_blocks,
         name="q",
     )
-    leaves_info = _MaskLeaves.of(mask_leaves)
-    leaf_inputs = leaves_info.kernel_inputs(mask_leaves)
+    operand_layout, operand_inputs = _MaskOperandLayout.check(
+        mask_operands, batch=batch, q_len=q_len, kv_len=kv_len
+    )
     lse = lse.astype(jnp.float32)[..., None]
     if delta is None:
         delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
     delta = delta.astype(jnp.float32)[..., None]
     common = dict(
-        leaves_info=leaves_info, element_mask=element_mask, scale=scale, softcap=softcap,
+        operand_layout=operand_layout, element_mask=element_mask, scale=scale, softcap=softcap,
         block_q=block_q, block_kv=block_kv,
     )
     dq = _backward_dq(
-        q, k, v, do, lse, delta, kv_metadata, leaf_inputs, group_size=group_size,
+        q, k, v, do, lse, delta, kv_metadata, operand_inputs, group_size=group_size,
         interpret=interpret, **common,
     )
     dk, dv = _backward_dkv(
-        q, k, v, do, lse, delta, q_metadata, leaf_inputs, group_size=group_size,
+        q, k, v, do, lse, delta, q_metadata, operand_inputs, group_size=group_size,
         interpret=interpret, **common,
     )
     return dq, dk, dv
 
 
 def _backward_dq(
-    q, k, v, do, lse, delta, kv_metadata, leaf_inputs, *,
-    group_size, leaves_info, element_mask, scale, softcap, block_q, block_kv, interpret,
+    q, k, v, do, lse, delta, kv_metadata, operand_inputs, *,
+    group_size, operand_layout, element_mask, scale, softcap, block_q, block_kv, interpret,
 ):
     """dq kernel call: grid (B, H, nq, max_kv) over the kv lists; lse, delta: [B, H, Tp, 1]."""
     kv_indices, kv_counts, kv_full, layout = kv_metadata
@@ -579,7 +696,8 @@ def _backward_dq(
     )
     row_spec = pl.BlockSpec((None, None, block_q, 1), _query_block_index_map)
     kernel = functools.partial(
-        _backward_dq_kernel, layout=layout, leaves_info=leaves_info, element_mask=element_mask,
+        _backward_dq_kernel, layout=layout, operand_layout=operand_layout,
+        element_mask=element_mask,
         scale=scale, softcap=softcap, block_q=block_q, block_kv=block_kv,
     )
     return pl.pallas_call(
@@ -589,7 +707,10 @@ def _backward_dq(
             num_scalar_prefetch=3,
             grid=(batch, num_heads, q_len // block_q, layout.width),
             in_specs=[
-                q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *leaves_info.specs()
+                q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
+                *operand_layout.specs(
+                    q_spec.index_map, kv_spec.index_map, block_q=block_q, block_kv=block_kv
+                ),
             ],
             out_specs=q_spec,
             scratch_shapes=[compat.VMEM((block_q, head_dim), jnp.float32)],
@@ -597,12 +718,12 @@ def _backward_dq(
         compiler_params=_compiler_params(),
         interpret=_interpret_value(interpret),
         name=BACKWARD_DQ_NAME,
-    )(kv_indices, kv_counts, kv_full, q, k, v, do, lse, delta, *leaf_inputs)
+    )(kv_indices, kv_counts, kv_full, q, k, v, do, lse, delta, *operand_inputs)
 
 
 def _backward_dkv(
-    q, k, v, do, lse, delta, q_metadata, leaf_inputs, *,
-    group_size, leaves_info, element_mask, scale, softcap, block_q, block_kv, interpret,
+    q, k, v, do, lse, delta, q_metadata, operand_inputs, *,
+    group_size, operand_layout, element_mask, scale, softcap, block_q, block_kv, interpret,
 ):
     """dk/dv kernel call: grid (B, K, nk, G * max_q) over the q lists of the G heads per kv head."""
     q_indices, q_counts, q_full, layout = q_metadata
@@ -619,7 +740,8 @@ def _backward_dkv(
     row_spec = pl.BlockSpec((None, None, block_q, 1), q_index_map)
     kv_spec = pl.BlockSpec((None, None, block_kv, head_dim), kv_index_map)
     kernel = functools.partial(
-        _backward_dkv_kernel, layout=layout, leaves_info=leaves_info, element_mask=element_mask,
+        _backward_dkv_kernel, layout=layout, operand_layout=operand_layout,
+        element_mask=element_mask,
         scale=scale, softcap=softcap, block_q=block_q, block_kv=block_kv, group_size=group_size,
     )
     return pl.pallas_call(
@@ -629,7 +751,10 @@ def _backward_dkv(
             num_scalar_prefetch=3,
             grid=(batch, num_kv_heads, kv_len // block_kv, group_size * layout.width),
             in_specs=[
-                q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *leaves_info.specs()
+                q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
+                *operand_layout.specs(
+                    q_spec.index_map, kv_spec.index_map, block_q=block_q, block_kv=block_kv
+                ),
             ],
             out_specs=[kv_spec, kv_spec],
             scratch_shapes=[
@@ -640,4 +765,4 @@ def _backward_dkv(
         compiler_params=_compiler_params(),
         interpret=_interpret_value(interpret),
         name=BACKWARD_DKV_NAME,
-    )(q_indices, q_counts, q_full, q, k, v, do, lse, delta, *leaf_inputs)
+    )(q_indices, q_counts, q_full, q, k, v, do, lse, delta, *operand_inputs)

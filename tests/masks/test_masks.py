@@ -257,6 +257,39 @@ def test_structured_masks_never_form_a_t_by_s_array():
     assert max(sizes) <= max((length // block) ** 2, length), f"an intermediate has {max(sizes)} elements"
 
 
+TILE_MASKS = {
+    **{name: mask for name, (mask, _) in PRIMITIVES.items()},
+    **COMPOSITIONS,
+    "per_batch_prefix_and_documents": masks.prefix_lm(jnp.array([10, 200])) & masks.document(
+        jnp.stack([jnp.asarray(SEGMENTS), jnp.asarray(SEGMENTS[::-1].copy())])
+    ),
+    "per_head": masks.per_head([masks.document(SEGMENTS), masks.causal(), masks.global_tokens(GLOBALS)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TILE_MASKS))
+def test_tile_visibility_from_sliced_operands_equals_the_mask(name):
+    """What kernels evaluate (tile slices of row/column/scalar operands, no gathers) equals the mask."""
+    mask = TILE_MASKS[name]
+    q_len, kv_len, block_q, block_kv = 260, 300, 32, 64
+    rows, columns, scalars = mask.tile_operands(q_len, kv_len)
+    rng = np.random.default_rng(0)
+    for b in range(2):
+        for h in range(3):
+            for q_start, kv_start in zip(rng.integers(0, q_len - block_q, 4), rng.integers(0, kv_len - block_kv, 4)):
+                q_idx = jnp.arange(q_start, q_start + block_q)[:, None]
+                kv_idx = jnp.arange(kv_start, kv_start + block_kv)[None, :]
+                pick = lambda x: x[min(b, x.shape[0] - 1)]  # noqa: E731  (B' == 1 broadcasts)
+                row_tiles = jax.tree.map(lambda x: pick(x)[q_start:q_start + block_q, None], rows)
+                column_tiles = jax.tree.map(lambda x: pick(x)[None, kv_start:kv_start + block_kv], columns)
+                scalar_values = jax.tree.map(pick, scalars)
+                expected = jnp.broadcast_to(mask(b, h, q_idx, kv_idx), (block_q, block_kv))
+                actual = jnp.broadcast_to(
+                    mask.tile_visible(row_tiles, column_tiles, scalar_values, b, h, q_idx, kv_idx), (block_q, block_kv)
+                )
+                np.testing.assert_array_equal(np.asarray(actual), np.asarray(expected), err_msg=f"{name} b={b} h={h}")
+
+
 def test_visualize_and_plot():
     block_mask = make_block_mask(masks.causal(), q_len=64, kv_len=64, block_q=16, block_kv=16)
     text = block_mask.visualize()

@@ -321,17 +321,38 @@ class TestPallasTpu(AttentionContract):
     implementation = "pallas_tpu"
     block_sizes = BlockSizes(block_q=32, block_kv=128)
     length = 200
-    masks_to_test = ["causal", "sinks_or_window", "document_causal", "per_head_windows", "empty_rows", "prefix_lm"]
+    masks_to_test = ["causal", "sinks_or_window", "document_causal", "per_head_windows", "empty_rows", "prefix_lm",
+                     "global_and_window"]
 
 
-@pytest.mark.parametrize("implementation", ["pallas_tpu", "pallas_gpu"])
-def test_compiled_kernels_reject_masks_that_gather_with_a_clear_error(implementation):
-    """On hardware (interpret=False), masks indexing arrays inside a tile are refused up front."""
-    from jaxsparse.ops.attention.kernel_inputs import check_common_support
+LOWERING_MASKS = ["causal", "sinks_or_window", "document_causal", "prefix_lm", "global_and_window", "per_head_windows"]
 
-    documents = make_block_mask(masks.causal() & masks.document(jnp.array([0, 0, 1, 1] * 8)), q_len=32, kv_len=32)
-    with pytest.raises(NotImplementedError, match="use implementation='xla'"):
-        check_common_support(implementation, documents, jnp.float32, None, interpret=False)
-    check_common_support(implementation, documents, jnp.float32, None, interpret=True)
-    structured = make_block_mask(masks.causal() & masks.per_head([masks.sliding_window(4), masks.full()]), q_len=32, kv_len=32)
-    check_common_support(implementation, structured, jnp.bfloat16, None, interpret=False)
+
+@pytest.mark.parametrize("mask_name", LOWERING_MASKS)
+@pytest.mark.parametrize("implementation", ["pallas_gpu", "pallas_tpu"])
+def test_public_op_lowers_to_the_compiled_kernels(monkeypatch, implementation, mask_name):
+    """Forward and backward through ``attention`` lower for real hardware (Triton / Mosaic), not
+    just interpret: masks with arrays reach the kernels as tile operands, nothing gathers."""
+    import importlib
+
+    from pallas_kernels.common import compat
+
+    adapter = importlib.import_module(f"jaxsparse.ops.attention.{implementation}")
+    monkeypatch.setattr(adapter, "interpret_on", lambda platform, name: False)  # as on the accelerator
+    sizes = BlockSizes(block_q=64, block_kv=64) if implementation == "pallas_gpu" else BlockSizes(block_q=64, block_kv=128)
+    q, k, v, _, _ = _inputs(jax.random.key(11), 2, 256, 256, 4, 2, 64, jnp.bfloat16)
+    mask = MASKS[mask_name](2, 256, 256)
+
+    def forward_and_backward(q, k, v):
+        loss = lambda q, k, v: jnp.sum(attention(q, k, v, mask, implementation=implementation, block_sizes=sizes).astype(jnp.float32))  # noqa: E731
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    if implementation == "pallas_gpu":
+        text = jax.jit(forward_and_backward).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("xla.gpu.triton") == 3, "expected the fwd, dq and dkv Triton kernels"
+    else:
+        with compat.tpu_lowering_without_tpu():
+            exported = jax.export.export(jax.jit(forward_and_backward), platforms=["tpu"])(q, k, v)
+        text = exported.mlir_module()
+        for name in ("fwd", "bwd_dq", "bwd_dkv"):
+            assert f"jaxsparse_block_sparse_attention_{name}" in text

@@ -13,21 +13,39 @@ from jaxsparse.ops.attention.differentiable import differentiable
 _SUPPORTED_DTYPES = ("float32", "bfloat16")
 
 
-def element_mask_inputs(block_mask: BlockMask):
-    """``(leaves, element_mask)`` for a kernel.
+def element_mask_inputs(block_mask: BlockMask, q_padded_len: int, kv_padded_len: int):
+    """``(mask_operands, element_mask)`` for a kernel: the mask evaluated from tile slices, no gathers.
 
-    Kernels cannot capture arrays, so the mask's array leaves (segment ids, prefix lengths, ...) are
-    passed as kernel inputs and the mask is rebuilt from their loaded values inside the tile:
-    ``element_mask(leaf_values, b, h, q_idx, kv_idx)`` equals ``block_mask.element_mask``.
+    ``mask_operands = (rows, columns, scalars)`` are int32 ``[B', Tp]``, ``[B', Sp]`` and ``[B']``
+    arrays (see :meth:`Mask.tile_operands`) that the kernel slices per tile with block specs;
+    ``element_mask(row_tiles, column_tiles, scalars, b, h, q_idx, kv_idx)`` equals
+    ``block_mask.element_mask`` on the tile.
     """
-    leaves, treedef = jax.tree.flatten(block_mask.mask)
-    kv_len = block_mask.kv_len
+    mask, kv_len = block_mask.mask, block_mask.kv_len
+    rows, columns, scalars = mask.tile_operands(block_mask.q_len, kv_len)
+    row_leaves, row_tree = jax.tree.flatten(rows)
+    column_leaves, column_tree = jax.tree.flatten(columns)
+    scalar_leaves, scalar_tree = jax.tree.flatten(scalars)
 
-    def element_mask(leaf_values, b, h, q_idx, kv_idx):
-        mask = jax.tree.unflatten(treedef, list(leaf_values))
-        return mask(b, h, q_idx, kv_idx) & (kv_idx < kv_len)
+    def padded(values, length):
+        return jnp.pad(values, ((0, 0), (0, length - values.shape[1])), mode="edge").astype(jnp.int32)
 
-    return tuple(leaves), element_mask
+    operands = (
+        tuple(padded(x, q_padded_len) for x in row_leaves),
+        tuple(padded(x, kv_padded_len) for x in column_leaves),
+        tuple(jnp.asarray(x, jnp.int32).reshape(-1) for x in scalar_leaves),
+    )
+
+    def element_mask(row_tiles, column_tiles, scalar_values, b, h, q_idx, kv_idx):
+        visible = mask.tile_visible(
+            jax.tree.unflatten(row_tree, list(row_tiles)),
+            jax.tree.unflatten(column_tree, list(column_tiles)),
+            jax.tree.unflatten(scalar_tree, list(scalar_values)),
+            b, h, q_idx, kv_idx,
+        )
+        return visible & (kv_idx < kv_len)
+
+    return operands, element_mask
 
 
 def interpret_on(platform: str, implementation: str) -> bool:
@@ -47,24 +65,12 @@ def interpret_on(platform: str, implementation: str) -> bool:
     return False
 
 
-def check_common_support(implementation: str, block_mask: BlockMask, dtype, bias, *, interpret: bool) -> None:
-    """Rejections shared by the Pallas kernels: bias, dtypes, and (compiled) masks that gather.
-
-    A mask whose elementwise rule indexes an array (``document`` segment ids, per-sequence
-    ``prefix_lm`` lengths, ``global_tokens`` positions) needs a gather inside the tile, which neither
-    the Mosaic nor the Triton lowering supports; the interpreter runs it.
-    """
+def check_common_support(implementation: str, dtype, bias) -> None:
+    """Rejections shared by the Pallas kernels: bias and dtypes they do not take."""
     if bias is not None:
         raise NotImplementedError(f"implementation={implementation!r} takes no bias; use implementation='xla'")
     if jnp.dtype(dtype).name not in _SUPPORTED_DTYPES:
         raise TypeError(f"implementation={implementation!r} supports dtypes {_SUPPORTED_DTYPES}, got {dtype}")
-    gathering = [leaf.shape for leaf in jax.tree.leaves(block_mask.mask) if jnp.size(leaf) > 1]
-    if gathering and not interpret:
-        raise NotImplementedError(
-            f"implementation={implementation!r}: masks that index arrays inside a tile (here of shapes {gathering}: "
-            "document, per-sequence prefix_lm, global_tokens) do not lower to the compiled kernel yet; "
-            "use implementation='xla'"
-        )
 
 
 def differentiable_kernels(kernels, interpret: Callable[[], Any]) -> Callable:
@@ -78,18 +84,18 @@ def differentiable_kernels(kernels, interpret: Callable[[], Any]) -> Callable:
 
     def forward(q, k, v, bias, block_mask: BlockMask, *, scale, softcap):
         del bias  # rejected by the adapters' check_support
-        leaves, element_mask = element_mask_inputs(block_mask)
+        operands, element_mask = element_mask_inputs(block_mask, q.shape[2], k.shape[2])
         return kernels.block_sparse_attention_forward(
-            q, k, v, block_mask.kv_indices, block_mask.kv_counts, block_mask.kv_full, leaves,
+            q, k, v, block_mask.kv_indices, block_mask.kv_counts, block_mask.kv_full, operands,
             element_mask=element_mask, scale=scale, softcap=softcap, block_q=block_mask.block_q,
             block_kv=block_mask.block_kv, interpret=interpret(),
         )
 
     def backward(q, k, v, bias, block_mask: BlockMask, out, lse, d_out, delta, *, scale, softcap):
-        leaves, element_mask = element_mask_inputs(block_mask)
+        operands, element_mask = element_mask_inputs(block_mask, q.shape[2], k.shape[2])
         dq, dk, dv = kernels.block_sparse_attention_backward(
             q, k, v, out, lse, d_out, block_mask.kv_indices, block_mask.kv_counts, block_mask.kv_full,
-            block_mask.q_indices, block_mask.q_counts, block_mask.q_full, leaves,
+            block_mask.q_indices, block_mask.q_counts, block_mask.q_full, operands,
             element_mask=element_mask, scale=scale, softcap=softcap, block_q=block_mask.block_q,
             block_kv=block_mask.block_kv, interpret=interpret(), delta=delta,
         )

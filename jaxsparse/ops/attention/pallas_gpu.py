@@ -2,9 +2,8 @@
 
 On a GPU the kernels compile through Triton; on CPU they run in interpret mode (tests).
 Limits of the GPU kernel (see ``pallas_kernels/gpu/block_sparse_attention.py``): block sizes and head
-dims are powers of two >= 16; element masks that index arrays (``document``, per-batch
-``prefix_lm``, ``global_tokens``) need a gather, which the Triton lowering lacks, so they run in
-interpret mode only.
+dims are powers of two >= 16. Mask arrays reach the kernel as per-tile operands
+(:func:`~jaxsparse.ops.attention.kernel_inputs.element_mask_inputs`), so nothing gathers in a tile.
 """
 
 from __future__ import annotations
@@ -23,7 +22,8 @@ def _is_power_of_two_at_least_16(value: int) -> bool:
 
 def check_support(block_mask: BlockMask, head_dim: int, dtype, bias) -> None:
     """Raises unless the Triton kernel can run these sizes here."""
-    check_common_support(NAME, block_mask, dtype, bias, interpret=interpret_on("gpu", NAME))
+    interpret_on("gpu", NAME)
+    check_common_support(NAME, dtype, bias)
     block_q, block_kv = block_mask.block_q, block_mask.block_kv
     for name, value in (("block_sizes.block_q", block_q), ("block_sizes.block_kv", block_kv), ("head dim D", head_dim)):
         if not _is_power_of_two_at_least_16(value):

@@ -2,10 +2,9 @@
 
 On a TPU the kernels compile through Mosaic; on CPU they run in the TPU interpreter (tests). Limits
 of the TPU kernel (see ``pallas_kernels/tpu/block_sparse_attention.py``): ``block_q`` a multiple of 8
-and ``block_kv`` a multiple of 128; element masks that index arrays (``document``, per-sequence
-``prefix_lm``, ``global_tokens``) use gathers that Mosaic does not lower, so they run in the
-interpreter only; the flattened block lists live in SMEM (prefer masks shared across batch and heads
-at long sequence lengths).
+and ``block_kv`` a multiple of 128; mask arrays reach the kernel as per-tile operands (no gathers);
+the flattened block lists live in SMEM (prefer masks shared across batch and heads at long sequence
+lengths).
 """
 
 from __future__ import annotations
@@ -21,7 +20,8 @@ NAME = "pallas_tpu"
 
 def check_support(block_mask: BlockMask, head_dim: int, dtype, bias) -> None:
     """Raises unless the Mosaic kernel can tile these sizes here."""
-    check_common_support(NAME, block_mask, dtype, bias, interpret=interpret_on("tpu", NAME))
+    interpret_on("tpu", NAME)
+    check_common_support(NAME, dtype, bias)
     block_q, block_kv = block_mask.block_q, block_mask.block_kv
     if block_q % 8:
         raise ValueError(f"implementation='pallas_tpu' needs block_sizes.block_q to be a multiple of 8, got {block_q}")
