@@ -37,6 +37,3 @@ ArrayLike = Union[jax.Array, np.ndarray, int, float, bool]
 
 DType = Union[np.dtype, type]
 """A dtype or scalar type such as ``jnp.float32``."""
-
-IMPLEMENTATIONS = ("reference", "xla", "pallas_tpu", "pallas_gpu")
-"""The values of every op's ``implementation=`` argument (``None`` picks one for the platform)."""
