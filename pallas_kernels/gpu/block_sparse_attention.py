@@ -48,6 +48,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import compat
+from pallas_kernels.gpu.block_sparse_layout import (
+    check_inputs,
+    check_mask_operands,
+    check_metadata,
+    mask_specs,
+    metadata_specs,
+)
 
 FORWARD_NAME = "jaxsparse_block_sparse_attention_fwd"
 BACKWARD_DQ_NAME = "jaxsparse_block_sparse_attention_bwd_dq"
@@ -287,129 +294,12 @@ def _backward_dkv_kernel(
 # pallas_call wrappers.
 
 
-def _metadata_specs(indices):
-    """BlockSpecs for one cell's (indices, count, full) rows, broadcasting size-1 metadata axes.
-
-    The grid is (batch, query head, block); ``indices`` is [Bm, Hm, n_blocks, max_len] and the
-    counts and flags share its leading axes.
-    """
-    broadcast_batch, broadcast_head = indices.shape[0] == 1, indices.shape[1] == 1
-
-    def row(b, h, i):
-        return (0 if broadcast_batch else b, 0 if broadcast_head else h, i)
-
-    list_spec = pl.BlockSpec(
-        (None, None, None, indices.shape[3]), lambda b, h, i: (*row(b, h, i), 0)
-    )
-    count_spec = pl.BlockSpec((None, None, None), row)
-    return [list_spec, count_spec, list_spec]
-
-
-def _check_mask_operands(mask_operands, batch, q_len, kv_len):
-    """Validates ``(row_operands, column_operands, scalar_operands)``; returns them as tuples."""
-    try:
-        rows, columns, scalars = mask_operands
-    except (TypeError, ValueError):
-        raise ValueError(
-            "mask_operands must be (row_operands, column_operands, scalar_operands), got "
-            f"{mask_operands!r}."
-        ) from None
-    groups = tuple(tuple(jnp.asarray(x) for x in group) for group in (rows, columns, scalars))
-    for kind, group, length in zip(("row", "column", "scalar"), groups, (q_len, kv_len, None)):
-        for position, x in enumerate(group):
-            if x.dtype != jnp.int32:
-                raise TypeError(f"{kind} mask operand {position} must be int32, got {x.dtype}.")
-            want = "[1 or B]" if length is None else f"[1 or B, {length}]"
-            ok = x.ndim == (1 if length is None else 2) and x.shape[0] in (1, batch)
-            if not ok or (length is not None and x.shape[1] != length):
-                raise ValueError(
-                    f"{kind} mask operand {position} must have shape {want} with B={batch}, "
-                    f"got {x.shape}."
-                )
-    return groups
-
-
-def _batch_block(x, b):
-    """Block index along an operand's batch axis: b, or 0 when the operand broadcasts (Bo == 1)."""
-    return 0 if x.shape[0] == 1 else b
-
-
-def _mask_specs(mask_groups, *, block_q, block_kv, tile_rows):
-    """BlockSpecs of the mask operands on a (batch, head, block) grid.
-
-    With ``tile_rows`` (forward and dQ kernels: the grid's block is a q block) rows arrive as the
-    program's [block_q] tile and columns whole ([Sp], sliced per listed kv block); without (dK/dV
-    kernel: the grid's block is a kv block) columns arrive as the [block_kv] tile and rows whole.
-    Scalars arrive as the 0-d block of entry b (or 0).
-    """
-    rows, columns, scalars = mask_groups
-
-    def tiled(x, size):
-        return pl.BlockSpec((None, size), lambda b, h, i: (_batch_block(x, b), i))
-
-    def whole(x):
-        return pl.BlockSpec((None, x.shape[1]), lambda b, h, i: (_batch_block(x, b), 0))
-
-    def scalar(x):
-        return pl.BlockSpec((None,), lambda b, h, i: (_batch_block(x, b),))
-
-    row_specs = [tiled(x, block_q) if tile_rows else whole(x) for x in rows]
-    column_specs = [whole(x) if tile_rows else tiled(x, block_kv) for x in columns]
-    return [*row_specs, *column_specs, *(scalar(x) for x in scalars)]
-
-
 def _compiler_params(head_dim, num_warps, num_stages):
     """Triton launch settings; ignored in interpret mode."""
     return compat.TritonCompilerParams(
         num_warps=(4 if head_dim <= 64 else 8) if num_warps is None else num_warps,
         num_stages=2 if num_stages is None else num_stages,
     )
-
-
-def _check_metadata(name, indices, counts, full, batch, heads, num_blocks):
-    """Validates one set of block lists ``{name}_indices``, ``{name}_counts``, ``{name}_full``."""
-    for suffix, arr in (("indices", indices), ("counts", counts), ("full", full)):
-        if arr.dtype != jnp.int32:
-            raise TypeError(f"{name}_{suffix} must be int32, got {arr.dtype}.")
-    if (
-        indices.ndim != 4
-        or indices.shape[0] not in (1, batch)
-        or indices.shape[1] not in (1, heads)
-        or indices.shape[2] != num_blocks
-    ):
-        raise ValueError(
-            f"{name}_indices must have shape [1 or {batch}, 1 or {heads}, {num_blocks}, max_len], "
-            f"got {indices.shape}."
-        )
-    if full.shape != indices.shape or counts.shape != indices.shape[:3]:
-        raise ValueError(
-            f"{name}_full must have shape {indices.shape} and {name}_counts {indices.shape[:3]}, "
-            f"got {full.shape} and {counts.shape}."
-        )
-
-
-def _check_inputs(q, k, v, block_q, block_kv):
-    """Validates shapes and dtypes; returns (B, H, K, Tp, Sp, D)."""
-    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
-        raise ValueError(
-            f"expected q [B, H, Tp, D] and k, v [B, K, Sp, D], got {q.shape}, {k.shape}, {v.shape}."
-        )
-    batch, heads, q_len, head_dim = q.shape
-    _, kv_heads, kv_len, _ = k.shape
-    if k.shape[0] != batch or k.shape[3] != head_dim:
-        raise ValueError(f"k must have shape [{batch}, K, Sp, {head_dim}], got {k.shape}.")
-    if heads % kv_heads:
-        raise ValueError(f"query heads H={heads} must be a multiple of kv heads K={kv_heads}.")
-    if q.dtype != k.dtype or q.dtype != v.dtype or q.dtype not in (jnp.float32, jnp.bfloat16):
-        raise TypeError(
-            f"q, k, v must share dtype float32 or bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}."
-        )
-    if q_len % block_q or kv_len % block_kv:
-        raise ValueError(
-            f"Tp={q_len} must be a multiple of block_q={block_q} and Sp={kv_len} of "
-            f"block_kv={block_kv}."
-        )
-    return batch, heads, kv_heads, q_len, kv_len, head_dim
 
 
 def block_sparse_attention_forward(
@@ -457,21 +347,21 @@ def block_sparse_attention_forward(
     Raises:
       ValueError, TypeError: on inconsistent shapes, dtypes or block sizes.
     """
-    batch, heads, kv_heads, q_len, kv_len, head_dim = _check_inputs(q, k, v, block_q, block_kv)
+    batch, heads, kv_heads, q_len, kv_len, head_dim = check_inputs(q, k, v, block_q, block_kv)
     num_q_blocks, group = q_len // block_q, heads // kv_heads
-    _check_metadata("kv", kv_indices, kv_counts, kv_full, batch, heads, num_q_blocks)
-    mask_groups = _check_mask_operands(mask_operands, batch, q_len, kv_len)
+    check_metadata("kv", kv_indices, kv_counts, kv_full, batch, heads, num_q_blocks)
+    mask_groups = check_mask_operands(mask_operands, batch, q_len, kv_len)
     kernel = functools.partial(
         _forward_kernel, operand_counts=tuple(map(len, mask_groups)), element_mask=element_mask,
         scale=scale, softcap=softcap, block_q=block_q, block_kv=block_kv,
     )
-    mask_specs = _mask_specs(mask_groups, block_q=block_q, block_kv=block_kv, tile_rows=True)
+    mask_block_specs = mask_specs(mask_groups, block_q=block_q, block_kv=block_kv, tile_rows=True)
     q_spec = pl.BlockSpec((None, None, block_q, head_dim), lambda b, h, i: (b, h, i, 0))
     kv_spec = pl.BlockSpec((None, None, kv_len, head_dim), lambda b, h, i: (b, h // group, 0, 0))
     return pl.pallas_call(
         kernel,
         grid=(batch, heads, num_q_blocks),
-        in_specs=[q_spec, kv_spec, kv_spec, *_metadata_specs(kv_indices), *mask_specs],
+        in_specs=[q_spec, kv_spec, kv_spec, *metadata_specs(kv_indices), *mask_block_specs],
         out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i))],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -519,10 +409,10 @@ def block_sparse_attention_backward(
     Raises:
       ValueError, TypeError: on inconsistent shapes, dtypes or block sizes.
     """
-    batch, heads, kv_heads, q_len, kv_len, head_dim = _check_inputs(q, k, v, block_q, block_kv)
+    batch, heads, kv_heads, q_len, kv_len, head_dim = check_inputs(q, k, v, block_q, block_kv)
     num_q_blocks, num_kv_blocks, group = q_len // block_q, kv_len // block_kv, heads // kv_heads
-    _check_metadata("kv", kv_indices, kv_counts, kv_full, batch, heads, num_q_blocks)
-    _check_metadata("q", q_indices, q_counts, q_full, batch, heads, num_kv_blocks)
+    check_metadata("kv", kv_indices, kv_counts, kv_full, batch, heads, num_q_blocks)
+    check_metadata("q", q_indices, q_counts, q_full, batch, heads, num_kv_blocks)
     if o.shape != q.shape or do.shape != q.shape or lse.shape != q.shape[:3]:
         raise ValueError(
             f"o and do must have shape {q.shape} and lse {q.shape[:3]}, "
@@ -532,7 +422,7 @@ def block_sparse_attention_backward(
         delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
     delta = delta.astype(jnp.float32)
     lse = lse.astype(jnp.float32)
-    mask_groups = _check_mask_operands(mask_operands, batch, q_len, kv_len)
+    mask_groups = check_mask_operands(mask_operands, batch, q_len, kv_len)
     mask_arrays = tuple(x for group in mask_groups for x in group)
     static = dict(
         operand_counts=tuple(map(len, mask_groups)), element_mask=element_mask, scale=scale,
@@ -551,7 +441,7 @@ def block_sparse_attention_backward(
         grid=(batch, heads, num_q_blocks),
         in_specs=[
             q_tile_spec, kv_whole_spec, kv_whole_spec, q_tile_spec, row_tile_spec, row_tile_spec,
-            *_metadata_specs(kv_indices), *_mask_specs(mask_groups, tile_rows=True, **mask_sizes),
+            *metadata_specs(kv_indices), *mask_specs(mask_groups, tile_rows=True, **mask_sizes),
         ],
         out_specs=q_tile_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -574,7 +464,7 @@ def block_sparse_attention_backward(
         grid=(batch, heads, num_kv_blocks),
         in_specs=[
             q_whole_spec, kv_tile_spec, kv_tile_spec, q_whole_spec, row_whole_spec, row_whole_spec,
-            *_metadata_specs(q_indices), *_mask_specs(mask_groups, tile_rows=False, **mask_sizes),
+            *metadata_specs(q_indices), *mask_specs(mask_groups, tile_rows=False, **mask_sizes),
         ],
         out_specs=[per_head_spec, per_head_spec],
         out_shape=[per_head_shape, per_head_shape],
