@@ -109,7 +109,9 @@ class Mask:
 
         Returns ``(rows, columns, scalars)``: pytrees (None when empty) of int32 arrays ``[B', T]``
         (one value per query position), ``[B', S]`` (one per key position) and ``[B']`` (one per
-        sequence), ``B'`` being 1 or the batch size. Masks without arrays have none.
+        sequence), ``B'`` being 1 or the batch size. ``q_len`` and ``kv_len`` are the operands'
+        lengths; kernels pass the block-padded lengths (values past the real sequence are never
+        visible: padded queries are discarded, padded keys masked). Masks without arrays have none.
         """
         del q_len, kv_len
         return None, None, None

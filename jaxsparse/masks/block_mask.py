@@ -292,10 +292,6 @@ def _both_index_lists(any_visible, all_visible, *, kv_width: int, q_width: int, 
     )
 
 
-def _is_traced(value) -> bool:
-    return isinstance(value, jax.core.Tracer)
-
-
 def _index_lists(any_visible, all_visible, width: int, xp):
     """Rows of a ``[..., n_rows, n_cols]`` visibility table as padded, increasing index lists.
 

@@ -22,19 +22,12 @@ def element_mask_inputs(block_mask: BlockMask, q_padded_len: int, kv_padded_len:
     ``block_mask.element_mask`` on the tile.
     """
     mask, kv_len = block_mask.mask, block_mask.kv_len
-    rows, columns, scalars = mask.tile_operands(block_mask.q_len, kv_len)
+    # Operands as long as the padded sequences: padded queries are discarded, padded keys masked.
+    rows, columns, scalars = mask.tile_operands(q_padded_len, kv_padded_len)
     row_leaves, row_tree = jax.tree.flatten(rows)
     column_leaves, column_tree = jax.tree.flatten(columns)
     scalar_leaves, scalar_tree = jax.tree.flatten(scalars)
-
-    def padded(values, length):
-        return jnp.pad(values, ((0, 0), (0, length - values.shape[1])), mode="edge").astype(jnp.int32)
-
-    operands = (
-        tuple(padded(x, q_padded_len) for x in row_leaves),
-        tuple(padded(x, kv_padded_len) for x in column_leaves),
-        tuple(jnp.asarray(x, jnp.int32).reshape(-1) for x in scalar_leaves),
-    )
+    operands = (tuple(row_leaves), tuple(column_leaves), tuple(scalar_leaves))
 
     def element_mask(row_tiles, column_tiles, scalar_values, b, h, q_idx, kv_idx):
         visible = mask.tile_visible(
