@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Layers from bottom to top; a module may import only its own layer or lower ones.
 LAYERS = [
     ("pallas_kernels",),
-    ("jaxsparse.typing", "jaxsparse.testing", "jaxsparse.masks", "jaxsparse.ops"),
+    ("jaxsparse.typing", "jaxsparse.testing", "jaxsparse.masks", "jaxsparse.ops", "jaxsparse.metrics"),
     ("jaxsparse.parallel",),
     ("jaxsparse.nn", "jaxsparse"),
     ("models",),
@@ -28,6 +28,7 @@ ALLOWED_THIRD_PARTY = {
     "jaxsparse.testing": {"jax", "numpy"},
     "jaxsparse.masks": {"jax", "numpy", "matplotlib"},
     "jaxsparse.ops": {"jax", "numpy"},
+    "jaxsparse.metrics": {"jax", "numpy"},
     "jaxsparse.parallel": {"jax", "numpy"},
     "jaxsparse.nn": {"jax", "numpy", "flax"},
     "jaxsparse": {"jax", "numpy", "flax"},
