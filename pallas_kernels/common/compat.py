@@ -21,6 +21,8 @@ SMEM = getattr(pltpu, "SMEM", None)
 VMEM = getattr(pltpu, "VMEM", None)
 TPUInterpretParams = pltpu.InterpretParams
 TPUCompilerParams = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
+SemaphoreType = pltpu.SemaphoreType
+make_async_copy = pltpu.make_async_copy
 
 
 def tpu_interpret_params(detect_races: bool = False):

@@ -1,0 +1,106 @@
+"""Which FFN neurons a token (or a chunk of tokens) uses: static-capacity index lists with counts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ActiveNeurons:
+    """The active neurons of G groups (tokens, or chunks of L consecutive tokens), at most k_max each.
+
+    Attributes:
+      indices: int32 ``[G, k_max]``; ``indices[g, :counts[g]]`` are group g's active neurons,
+        distinct and ascending; the entries after them are padding (0) that ops never use.
+      counts: int32 ``[G]`` in ``[0, k_max]``: how many entries of ``indices[g]`` are active.
+      selected: int32 ``[G]``: how many neurons were active before the ``k_max`` cap. ``selected -
+        counts`` (:attr:`dropped`) neurons were left out of a group that overflowed.
+    """
+
+    indices: jax.Array
+    counts: jax.Array
+    selected: jax.Array
+
+    @property
+    def k_max(self) -> int:
+        return self.indices.shape[-1]
+
+    @property
+    def num_groups(self) -> int:
+        return self.indices.shape[0]
+
+    @property
+    def dropped(self) -> jax.Array:
+        """int32 ``[G]``: active neurons left out because the group had more than ``k_max``."""
+        return self.selected - self.counts
+
+    def valid(self) -> jax.Array:
+        """bool ``[G, k_max]``: which entries of ``indices`` are active (not padding)."""
+        return jnp.arange(self.k_max, dtype=jnp.int32) < self.counts[:, None]
+
+    def dense(self, num_neurons: int) -> jax.Array:
+        """bool ``[G, F]``: the active set of each group as a dense mask."""
+        rows = jnp.arange(self.num_groups)[:, None]
+        return jnp.zeros((self.num_groups, num_neurons), bool).at[rows, self.indices].max(self.valid())
+
+
+def _compact(active: jax.Array, k_max: int) -> jax.Array:
+    """The first ``k_max`` True positions of each row, ascending, padded with 0 (no sort)."""
+    return jax.vmap(lambda row: jnp.nonzero(row, size=k_max, fill_value=0)[0])(active).astype(jnp.int32)
+
+
+def _largest(priority: jax.Array, active: jax.Array, k_max: int) -> jax.Array:
+    """The (at most) ``k_max`` active positions of largest priority of each row, ascending, first."""
+    values, positions = lax.top_k(jnp.where(active, priority, -1.0), k_max)
+    neurons = priority.shape[-1]
+    # Sort key: chosen active positions first and ascending, then the inactive picks (padding).
+    keys = jnp.sort(jnp.where(values > 0, positions, positions + neurons), axis=-1)
+    return (keys % neurons).astype(jnp.int32)
+
+
+def select_active_neurons(activations, k_max: int, *, chunk: int = 1) -> ActiveNeurons:
+    """The neurons with nonzero activation, per token or as a union per chunk of tokens.
+
+    A neuron is active for a group when its activation is nonzero for at least one of the group's
+    tokens. Overflow policy "keep the largest": a group with more than ``k_max`` active neurons keeps
+    the ``k_max`` of largest ``max |activation|`` over its tokens, and reports the rest in
+    :attr:`ActiveNeurons.dropped`. Without overflow the selection is a linear-time compaction; the
+    partial sort (``lax.top_k``) runs only when some group overflows (``lax.cond``).
+
+    Args:
+      activations: ``[N, F]`` gate activations (e.g. after statistical top-k or CATS), N tokens.
+      k_max: static capacity per group, in ``[1, F]``.
+      chunk: L, tokens per group: consecutive rows ``g*L .. g*L+L-1`` share one set (the union).
+        ``N % L == 0``. Use 1 for per-token sets, N for one set for the whole batch.
+
+    Returns:
+      :class:`ActiveNeurons` with ``G = N // L`` groups.
+
+    Raises:
+      ValueError: ``activations`` not 2-D, ``k_max`` outside ``[1, F]``, ``chunk`` not dividing N.
+    """
+    activations = jnp.asarray(activations)
+    if activations.ndim != 2:
+        raise ValueError(f"activations must be [N, F], got shape {activations.shape}")
+    tokens, neurons = activations.shape
+    if isinstance(k_max, bool) or not isinstance(k_max, int) or not 1 <= k_max <= neurons:
+        raise ValueError(f"k_max must be an integer in [1, {neurons}] (F), got {k_max!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1 or tokens % chunk:
+        raise ValueError(f"chunk must be a positive integer dividing N={tokens}, got {chunk!r}")
+    magnitude = jnp.abs(activations.astype(jnp.float32)).reshape(tokens // chunk, chunk, neurons)
+    priority = jnp.max(magnitude, axis=1)
+    active = priority > 0
+    selected = jnp.sum(active, axis=-1, dtype=jnp.int32)
+    indices = lax.cond(
+        jnp.any(selected > k_max),
+        lambda: _largest(priority, active, k_max),
+        lambda: _compact(active, k_max),
+    )
+    counts = jnp.minimum(selected, k_max)
+    valid = jnp.arange(k_max, dtype=jnp.int32) < counts[:, None]
+    return ActiveNeurons(indices=jnp.where(valid, indices, 0), counts=counts, selected=selected)
