@@ -23,6 +23,7 @@ train: $(STAMP)
 # Regenerates BENCHMARKS.md (CPU part; add --gpu on a machine with an H100).
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.attention
+	$(BIN)/python -m benchmarks.activation_sparsity
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
