@@ -14,6 +14,8 @@ Axis letters (one meaning each, everywhere):
 ``F``   feed-forward width
 ``E``   experts
 ``N``   tokens (``B * T``)
+``L``   tokens per group that shares one active-neuron set (a chunk; 1 for per-token sets)
+``C``   such groups (``N / L``)
 ``nq``  query blocks (``ceil(T / block_q)``)
 ``nk``  key/value blocks (``ceil(S / block_kv)``)
 ======  ==========================================================

@@ -6,18 +6,18 @@ import jax.numpy as jnp
 
 
 def check_sparse_ffn_inputs(x, w_up, w_down, indices, counts, w_gate, gate, check_support) -> tuple[int, int, int, int, int]:
-    """Validates the kernel contract's shapes and dtypes; returns ``(G, L, M, F, k_max)``.
+    """Validates the kernel contract's shapes and dtypes; returns ``(C, L, M, F, k_max)``.
 
-    Contract: x ``[G, L, M]``; w_up, w_down and w_gate (or None) ``[F, M]`` in x's dtype; indices
-    int32 ``[G, k_max]``; counts int32 ``[G]``; gate (or None; exactly one of w_gate and gate)
-    float32 ``[G, L, k_max]``. ``check_support(M, dtype)`` is the kernel's own size and dtype check,
+    Contract: x ``[C, L, M]``; w_up, w_down and w_gate (or None) ``[F, M]`` in x's dtype; indices
+    int32 ``[C, k_max]``; counts int32 ``[C]``; gate (or None; exactly one of w_gate and gate)
+    float32 ``[C, L, k_max]``. ``check_support(M, dtype)`` is the kernel's own size and dtype check,
     run once x's rank is known.
 
     Raises:
       ValueError: naming the argument, the expected and the actual shape or dtype.
     """
     if x.ndim != 3:
-        raise ValueError(f"sparse_ffn: x must be [G, L, M] (rank 3), got shape {x.shape}")
+        raise ValueError(f"sparse_ffn: x must be [C, L, M] (rank 3), got shape {x.shape}")
     groups, length, model_dim = x.shape
     check_support(model_dim, x.dtype)
     if (w_gate is None) == (gate is None):
@@ -32,7 +32,7 @@ def check_sparse_ffn_inputs(x, w_up, w_down, indices, counts, w_gate, gate, chec
         if weight.dtype != x.dtype:
             raise ValueError(f"sparse_ffn: {name} must have x's dtype {x.dtype}, got {weight.dtype}")
     if indices.ndim != 2 or indices.shape[0] != groups or indices.dtype != jnp.int32:
-        raise ValueError(f"sparse_ffn: indices must be int32 [G, k_max] with G = {groups}, got {indices.dtype} {indices.shape}")
+        raise ValueError(f"sparse_ffn: indices must be int32 [C, k_max] with C = {groups}, got {indices.dtype} {indices.shape}")
     if counts.shape != (groups,) or counts.dtype != jnp.int32:
         raise ValueError(f"sparse_ffn: counts must be int32 [{groups}], got {counts.dtype} {counts.shape}")
     k_max = indices.shape[1]

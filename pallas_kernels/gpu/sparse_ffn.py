@@ -6,7 +6,7 @@ hidden activations, and gather the same rows of W_down for the output. Decode is
 bound and a group has few tokens, so the neuron list is split across kernel instances (split-K
 over neurons) to spread one token over many SMs; the wrapper sums the partial outputs.
 
-Grid (G, P), P = ceil(k_max / block_neurons); instance (g, p) owns entries
+Grid (C, P), P = ceil(k_max / block_neurons); instance (g, p) owns entries
 j in [p * bn, (p + 1) * bn) of indices[g] (bn = block_neurons) and, with bm = block_model:
   a = activation(x @ W_gate[idx].T)  or  gate[g, :, j]      [Lp, bn], float32
   h = where(j < counts[g], a * (x @ W_up[idx].T), 0)        [Lp, bn], float32
@@ -27,11 +27,11 @@ Two ways to form the products, picked statically from Lp (the next power of two 
     Lp * bn * bm <= 16384 (down to bm = 16): Lp = 1 keeps bm = 128 up to bn = 128.
 
 Layout (internal, padded by the wrapper):
-  x: [G, Lp, M] with Lp = next power of two >= L, zero rows past L.
+  x: [C, Lp, M] with Lp = next power of two >= L, zero rows past L.
   w_gate, w_up, w_down: [F, M], whole in every instance; rows are gathered with a vector of
     indices (an int32 [bn] tile), W[idx, pl.ds(m, bm)] -> [bn, bm].
-  indices: int32 [G, Kp], Kp = P * bn, padded with 0; counts: int32 [G].
-  gate: float32 [G, Lp, Kp], padded with 0.
+  indices: int32 [C, Kp], Kp = P * bn, padded with 0; counts: int32 [C].
+  gate: float32 [C, Lp, Kp], padded with 0.
 Padding entries inside a partial block are redirected to the block's first entry (always
 active) before the gathers, so rows listed only as padding are never read (they may hold
 anything, NaN included), and h is masked with ``where`` so padding gates cannot leak either.
@@ -145,7 +145,7 @@ def _sparse_ffn_kernel(
 
 
 def _check_inputs(x, w_up, w_down, indices, counts, w_gate, gate, block_neurons):
-    """The shared contract checks, this kernel's size support and block_neurons; returns (G, L, M, F, k_max)."""
+    """The shared contract checks, this kernel's size support and block_neurons; returns (C, L, M, F, k_max)."""
     sizes = check_sparse_ffn_inputs(x, w_up, w_down, indices, counts, w_gate, gate, check_support)
     if block_neurons < 16 or block_neurons & (block_neurons - 1):
         raise ValueError(f"sparse_ffn: block_neurons must be a power of two >= 16, got {block_neurons}.")
@@ -164,19 +164,19 @@ def sparse_ffn_forward(
         y[g, l] = sum_{j < counts[g]} h[g, l, j] * w_down[indices[g, j]]
 
     Args:
-      x: [G, L, M], float32 or bfloat16; G groups of L tokens. L < 16 is padded to the next
+      x: [C, L, M], float32 or bfloat16; C groups of L tokens. L < 16 is padded to the next
         power of two and computed without tl.dot (see the module docstring).
       w_up, w_down: [F, M] in x.dtype, neuron-major (row n is neuron n).
-      indices: int32 [G, k_max] in [0, F); group g's active neurons first, then padding.
-      counts: int32 [G] in [0, k_max]; the number of active leading entries of indices[g].
+      indices: int32 [C, k_max] in [0, F); group g's active neurons first, then padding.
+      counts: int32 [C] in [0, k_max]; the number of active leading entries of indices[g].
       w_gate: [F, M] in x.dtype, or None.
-      gate: float32 [G, L, k_max], or None; exactly one of w_gate and gate.
+      gate: float32 [C, L, k_max], or None; exactly one of w_gate and gate.
       activation: elementwise, applied in float32 to the gate pre-activations (w_gate form).
       block_neurons: entries of indices per kernel instance, a power of two >= 16.
       num_warps, num_stages: Triton launch settings; interpret: run on CPU.
 
     Returns:
-      y: [G, L, M] in x.dtype.
+      y: [C, L, M] in x.dtype.
 
     Raises:
       ValueError: on bad shapes, dtypes, w_gate/gate combination or block_neurons.

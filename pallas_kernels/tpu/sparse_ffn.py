@@ -7,7 +7,7 @@ are copied one by one with async DMAs into VMEM scratch, so only active rows cro
 Indices and counts reach the kernel by scalar prefetch (SMEM), which the row copies read.
 
 Kernel:
-  ``jaxsparse_sparse_ffn_fwd``  grid (G, P), P = max(ceil(k_max / bn), 1), bn = block_neurons,
+  ``jaxsparse_sparse_ffn_fwd``  grid (C, P), P = max(ceil(k_max / bn), 1), bn = block_neurons,
       semantics ("parallel", "arbitrary"). Step (g, p) handles list entries [p * bn, (p + 1) * bn)
       of group g: h = a * (x @ w_up_rows^T) [Lp, bn], y += h @ w_down_rows, with
       a = activation(x @ w_gate_rows^T) or the given gate block. y accumulates in a float32 VMEM
@@ -25,13 +25,13 @@ the w_down rows are replaced by 0 (0 * NaN would be NaN): padding list entries, 
 weight rows they name, never matter.
 
 Layout: the wrapper pads L to Lp, a multiple of 8, and k_max to a multiple of bn; the gate
-[G, L, k_max] travels as [G, P, Lp, bn] float32 so that its block is whole in its last two dims
+[C, L, k_max] travels as [C, P, Lp, bn] float32 so that its block is whole in its last two dims
 (any bn that is a multiple of 8 works). Its index map stays on the last active block (block 0
 if none), so skipped steps fetch no gate either.
 
 Limits: M a multiple of 128 (``check_support``); float32 or bfloat16. VMEM holds 2 * bn * M *
 itemsize bytes per weight (3 weights with w_gate) plus x, y and the float32 accumulator; lower bn
-for large M. Indices occupy G * k_max words of SMEM. Counts are clamped to [0, k_max]; padding
+for large M. Indices occupy C * k_max words of SMEM. Counts are clamped to [0, k_max]; padding
 entries are never read as rows, so they may hold any int32, but an active index outside [0, F) is
 not checked (its DMA reads out of bounds: an error in the interpreter). Checked in the TPU
 interpreter and by lowering to Mosaic; not yet compiled on a TPU.
@@ -149,7 +149,7 @@ def _forward_kernel(
 
 
 def _check_inputs(x, w_up, w_down, indices, counts, w_gate, gate, block_neurons):
-    """The shared contract checks, this kernel's size support and block_neurons; returns (G, L, M, F, k_max)."""
+    """The shared contract checks, this kernel's size support and block_neurons; returns (C, L, M, F, k_max)."""
     sizes = check_sparse_ffn_inputs(x, w_up, w_down, indices, counts, w_gate, gate, check_support)
     if block_neurons <= 0 or block_neurons % _SUBLANES:
         raise ValueError(f"sparse_ffn: block_neurons must be a positive multiple of 8, got {block_neurons}")
@@ -176,19 +176,19 @@ def sparse_ffn_forward(
     the w_down matmul.
 
     Args:
-      x: [G, L, M] float32 or bfloat16; M a multiple of 128.
+      x: [C, L, M] float32 or bfloat16; M a multiple of 128.
       w_up, w_down: [F, M] in x.dtype, neuron-major (row n holds neuron n's weights).
-      indices: int32 [G, k_max]: the active neurons of each group first (in [0, F)), then padding
+      indices: int32 [C, k_max]: the active neurons of each group first (in [0, F)), then padding
         entries (never read: any value).
-      counts: int32 [G] in [0, k_max]: number of active leading entries of indices[g].
+      counts: int32 [C] in [0, k_max]: number of active leading entries of indices[g].
       w_gate: [F, M] in x.dtype, or None.
-      gate: [G, L, k_max] float32 gate coefficients, or None. Exactly one of w_gate and gate.
+      gate: [C, L, k_max] float32 gate coefficients, or None. Exactly one of w_gate and gate.
       activation: elementwise, applied in float32 to the gate pre-activations (w_gate form).
       block_neurons: list entries per grid step (bn), a multiple of 8.
       interpret: True (or ``pltpu.InterpretParams``) to run in the TPU interpreter on CPU.
 
     Returns:
-      y [G, L, M] in x.dtype; groups with count 0 give exactly 0.
+      y [C, L, M] in x.dtype; groups with count 0 give exactly 0.
 
     Raises:
       ValueError: on wrong ranks, shapes or dtypes, both or neither of w_gate and gate, or

@@ -5,8 +5,8 @@ products by broadcast-multiply-and-reduce, L >= 16 (Lp >= 16) with ``tl.dot``; t
 run both (the default L = 5 takes the first).
 
 The reference is written from the kernel's contract, independently of ``jaxsparse``: the listed
-active neurons become a dense [G, F] multiplicity weight (how many times neuron n appears among
-the first counts[g] entries of indices[g]); a gate given per entry is scattered to [G, L, F].
+active neurons become a dense [C, F] multiplicity weight (how many times neuron n appears among
+the first counts[g] entries of indices[g]); a gate given per entry is scattered to [C, L, F].
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ def active_weights(indices, counts, num_neurons, gate=None):
     """Dense form of the neuron lists (numpy).
 
     Returns:
-      float32 [G, F] multiplicities of the active entries, or, with gate [G, L, k_max], the
-      float32 [G, L, F] sums of the gate coefficients of the active entries of each neuron.
+      float32 [C, F] multiplicities of the active entries, or, with gate [C, L, k_max], the
+      float32 [C, L, F] sums of the gate coefficients of the active entries of each neuron.
     """
     groups, k_max = indices.shape
-    active = np.arange(k_max)[None, :] < counts[:, None]  # [G, k_max]
+    active = np.arange(k_max)[None, :] < counts[:, None]  # [C, k_max]
     if gate is None:
         dense = np.zeros((groups, num_neurons), np.float32)
         np.add.at(dense, (np.arange(groups)[:, None], indices), active.astype(np.float32))
@@ -58,8 +58,8 @@ def active_weights(indices, counts, num_neurons, gate=None):
 
 
 def reference_ffn(x, w_up, w_down, weights, *, w_gate=None, activation=None):
-    """Dense float32 sparse FFN; weights from :func:`active_weights` ([G, F] with w_gate, the
-    scattered gate [G, L, F] without)."""
+    """Dense float32 sparse FFN; weights from :func:`active_weights` ([C, F] with w_gate, the
+    scattered gate [C, L, F] without)."""
     x, w_up, w_down = (a.astype(jnp.float32) for a in (x, w_up, w_down))
     dot = lambda a, b: jnp.einsum("glm,fm->glf", a, b, precision="highest")
     up = dot(x, w_up)
@@ -82,7 +82,7 @@ def random_problem(rng, groups, length, model_dim, num_neurons, k_max, padding="
 
 
 def pad_entries(indices, counts, fill):
-    """indices with the entries at or past counts replaced by ``fill`` ([G, k_max] or scalar)."""
+    """indices with the entries at or past counts replaced by ``fill`` ([C, k_max] or scalar)."""
     past = np.arange(indices.shape[1])[None, :] >= counts[:, None]
     return np.where(past, fill, indices).astype(np.int32)
 
@@ -298,9 +298,9 @@ def test_check_support():
 def test_lowers_to_triton_without_a_gpu():
     """Lowering for CUDA runs the Pallas Triton lowering on CPU (no gathers beyond row loads,
     power-of-two loads, tl.dot shapes, 3-D broadcast-reduce shapes with size-1 dims). M = 192 and
-    G = 3 are not powers of two; k_max = 70 is padded; gelu, silu and the gate form, in float32
+    C = 3 are not powers of two; k_max = 70 is padded; gelu, silu and the gate form, in float32
     and bfloat16, each for L = 1 and 5 (broadcast-reduce, Lp = 1 and 8) and L = 20 (tl.dot,
-    Lp = 32). The partial-output buffer [G, P, Lp, M] carries the small Lp."""
+    Lp = 32). The partial-output buffer [C, P, Lp, M] carries the small Lp."""
     groups, model_dim, num_neurons, k_max = 3, 192, 100, 70
     lengths = {1: 1, 5: 8, 20: 32}  # L -> Lp
     indices = jnp.zeros((groups, k_max), jnp.int32)
@@ -325,7 +325,7 @@ def test_lowers_to_triton_without_a_gpu():
         lowering_platforms=("cuda",)
     ).as_text()
     assert text.count("xla.gpu.triton") == 3 * len(lengths) and FORWARD_NAME in text
-    # Result types of the Triton calls: partials [G, P, Lp, M], P = 3 (bn = 32) or 2 (bn = 64).
+    # Result types of the Triton calls: partials [C, P, Lp, M], P = 3 (bn = 32) or 2 (bn = 64).
     results = sorted(line.rsplit("-> ", 1)[1] for line in text.splitlines() if "gpu.triton" in line)
     assert results == sorted(
         f"tensor<{groups}x{num_blocks}x{padded_len}x{model_dim}xf32>"

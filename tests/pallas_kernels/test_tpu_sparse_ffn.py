@@ -1,7 +1,7 @@
 """Sparse FFN TPU kernel, run in the TPU interpreter on CPU.
 
 The reference is dense float64 numpy math written from the op's definition, independent of
-``jaxsparse``: a [G, F] 0/1 matrix of active neurons selects h, every neuron is computed.
+``jaxsparse``: a [C, F] 0/1 matrix of active neurons selects h, every neuron is computed.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ TOLERANCES = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Case:
-    counts: tuple[int, ...]  # one per group: G = len(counts)
+    counts: tuple[int, ...]  # one per group: C = len(counts)
     form: str = "w_gate"  # "w_gate" (activation of x . w_gate) or "gate" (given coefficients)
     activation: Callable = jax.nn.gelu
     length: int = 5

@@ -12,13 +12,13 @@ from jax import lax
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ActiveNeurons:
-    """The active neurons of G groups (tokens, or chunks of L consecutive tokens), at most k_max each.
+    """The active neurons of C groups (tokens, or chunks of L consecutive tokens), at most k_max each.
 
     Attributes:
-      indices: int32 ``[G, k_max]``; ``indices[g, :counts[g]]`` are group g's active neurons,
+      indices: int32 ``[C, k_max]``; ``indices[g, :counts[g]]`` are group g's active neurons,
         distinct and ascending; the entries after them are padding (0) that ops never use.
-      counts: int32 ``[G]`` in ``[0, k_max]``: how many entries of ``indices[g]`` are active.
-      selected: int32 ``[G]``: how many neurons were active before the ``k_max`` cap. ``selected -
+      counts: int32 ``[C]`` in ``[0, k_max]``: how many entries of ``indices[g]`` are active.
+      selected: int32 ``[C]``: how many neurons were active before the ``k_max`` cap. ``selected -
         counts`` (:attr:`dropped`) neurons were left out of a group that overflowed.
     """
 
@@ -36,15 +36,15 @@ class ActiveNeurons:
 
     @property
     def dropped(self) -> jax.Array:
-        """int32 ``[G]``: active neurons left out because the group had more than ``k_max``."""
+        """int32 ``[C]``: active neurons left out because the group had more than ``k_max``."""
         return self.selected - self.counts
 
     def valid(self) -> jax.Array:
-        """bool ``[G, k_max]``: which entries of ``indices`` are active (not padding)."""
+        """bool ``[C, k_max]``: which entries of ``indices`` are active (not padding)."""
         return jnp.arange(self.k_max, dtype=jnp.int32) < self.counts[:, None]
 
     def dense(self, num_neurons: int) -> jax.Array:
-        """bool ``[G, F]``: the active set of each group as a dense mask."""
+        """bool ``[C, F]``: the active set of each group as a dense mask."""
         rows = jnp.arange(self.num_groups)[:, None]
         return jnp.zeros((self.num_groups, num_neurons), bool).at[rows, self.indices].max(self.valid())
 
@@ -79,7 +79,7 @@ def select_active_neurons(activations, k_max: int, *, chunk: int = 1) -> ActiveN
         ``N % L == 0``. Use 1 for per-token sets, N for one set for the whole batch.
 
     Returns:
-      :class:`ActiveNeurons` with ``G = N // L`` groups.
+      :class:`ActiveNeurons` with ``C = N // L`` groups.
 
     Raises:
       ValueError: ``activations`` not 2-D, ``k_max`` outside ``[1, F]``, ``chunk`` not dividing N.

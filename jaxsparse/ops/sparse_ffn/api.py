@@ -60,8 +60,8 @@ def sparse_ffn(x, w_up, w_down, active: ActiveNeurons, *, w_gate=None, gate=None
     For each token, ``S`` is its group's active list (``active.indices[g, :active.counts[g]]``) and
     the gate coefficients ``a_S`` are either computed here, ``activation(x W_gate[S]^T)``, or given
     (``gate``: e.g. the statistical top-k activations of a Spark FFN predictor, or CATS-thresholded
-    SiLU activations, computed densely beforehand). Groups are consecutive tokens: with G groups and
-    N tokens each group of ``L = N / G`` tokens shares one set (``L = 1``: per-token sets; ``L > 1``:
+    SiLU activations, computed densely beforehand). Groups are consecutive tokens: with C groups and
+    N tokens each group of ``L = N / C`` tokens shares one set (``L = 1``: per-token sets; ``L > 1``:
     the chunk form, one union set for a batch of decode requests or a speculative-decoding
     verification chunk, which is where chunk-level sparsity pays).
 
@@ -69,10 +69,10 @@ def sparse_ffn(x, w_up, w_down, active: ActiveNeurons, *, w_gate=None, gate=None
     reads one contiguous row.
 
     Args:
-      x: ``[..., M]``, N tokens in all; N must be a multiple of G.
+      x: ``[..., M]``, N tokens in all; N must be a multiple of C.
       w_up: ``[F, M]``, x's dtype.
       w_down: ``[F, M]``, x's dtype.
-      active: :class:`ActiveNeurons` with G groups (from :func:`select_active_neurons` or your own
+      active: :class:`ActiveNeurons` with C groups (from :func:`select_active_neurons` or your own
         predictor); listed entries must be distinct.
       w_gate: ``[F, M]`` or None.
       gate: ``[..., k_max]`` (x's leading shape) gate coefficients of each token for its group's
