@@ -25,15 +25,7 @@ TOLERANCES = {  # (forward, gradients)
     jnp.bfloat16: (2e-2, 2e-2),
 }
 
-
-@pytest.fixture(autouse=True, scope="module")
-def fast_cpu_compilation():
-    """At these sizes interpret-mode kernels cost XLA compile time, not run time; skipping most
-    XLA optimisations makes this file about 1.5x faster."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_cpu_compilation")
 
 
 def reference_attention(q, k, v, mask, *, scale, softcap=None):

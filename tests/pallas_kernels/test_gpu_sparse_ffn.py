@@ -27,14 +27,7 @@ TOLERANCES = {
     jnp.bfloat16: 2e-2,
 }
 
-
-@pytest.fixture(autouse=True, scope="module")
-def fast_cpu_compilation():
-    """Interpret-mode kernels cost XLA compile time at these sizes; skip most optimisations."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_cpu_compilation")
 
 
 def active_weights(indices, counts, num_neurons, gate=None):

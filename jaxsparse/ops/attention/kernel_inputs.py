@@ -41,23 +41,6 @@ def element_mask_inputs(block_mask: BlockMask, q_padded_len: int, kv_padded_len:
     return operands, element_mask
 
 
-def interpret_on(platform: str, implementation: str) -> bool:
-    """True on CPU (run the kernel in interpret mode); False on its own platform.
-
-    Raises:
-      NotImplementedError: on the other accelerator (a TPU kernel on a GPU, or the reverse).
-    """
-    backend = jax.default_backend()
-    if backend == "cpu":
-        return True
-    if backend != platform:
-        raise NotImplementedError(
-            f"implementation={implementation!r} runs on {platform} (or interpreted on CPU), not on {backend}; "
-            f"use implementation='xla' or 'pallas_{backend}'"
-        )
-    return False
-
-
 def check_common_support(implementation: str, dtype, bias) -> None:
     """Rejections shared by the Pallas kernels: bias and dtypes they do not take."""
     if bias is not None:

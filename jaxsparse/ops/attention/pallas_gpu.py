@@ -11,7 +11,8 @@ from __future__ import annotations
 from pallas_kernels.gpu import block_sparse_attention as kernel
 
 from jaxsparse.masks.block_mask import BlockMask
-from jaxsparse.ops.attention.kernel_inputs import check_common_support, differentiable_kernels, interpret_on
+from jaxsparse.ops.attention.kernel_inputs import check_common_support, differentiable_kernels
+from jaxsparse.ops.platform import interpret_on
 
 NAME = "pallas_gpu"
 

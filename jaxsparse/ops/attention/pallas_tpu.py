@@ -13,7 +13,8 @@ from pallas_kernels.common import compat
 from pallas_kernels.tpu import block_sparse_attention as kernel
 
 from jaxsparse.masks.block_mask import BlockMask
-from jaxsparse.ops.attention.kernel_inputs import check_common_support, differentiable_kernels, interpret_on
+from jaxsparse.ops.attention.kernel_inputs import check_common_support, differentiable_kernels
+from jaxsparse.ops.platform import interpret_on
 
 NAME = "pallas_tpu"
 

@@ -12,7 +12,7 @@ from types import ModuleType
 import jax
 import jax.numpy as jnp
 
-from jaxsparse.ops.attention.kernel_inputs import interpret_on
+from jaxsparse.ops.platform import check_kernel_support, interpret_on
 from jaxsparse.ops.sparse_ffn.xla import xla_sparse_ffn
 
 _SUPPORTED_DTYPES = ("float32", "bfloat16")
@@ -27,10 +27,7 @@ def check_support(kernel: ModuleType, platform: str, implementation: str, model_
     interpret_on(platform, implementation)
     if jnp.dtype(dtype).name not in _SUPPORTED_DTYPES:
         raise NotImplementedError(f"implementation={implementation!r} supports dtypes {_SUPPORTED_DTYPES}, got {dtype}")
-    try:
-        kernel.check_support(model_dim, dtype)
-    except ValueError as error:
-        raise NotImplementedError(f"implementation={implementation!r}: {error}") from error
+    check_kernel_support(kernel.check_support, implementation, model_dim, dtype)
 
 
 def differentiable_kernel(kernel: ModuleType, platform: str, implementation: str) -> Callable:
