@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Layers from bottom to top; a module may import only its own layer or lower ones.
 LAYERS = [
     ("pallas_kernels",),
-    ("jaxsparse.typing", "jaxsparse.testing", "jaxsparse.masks", "jaxsparse.ops", "jaxsparse.metrics"),
+    ("jaxsparse.typing", "jaxsparse.testing", "jaxsparse.masks", "jaxsparse.ops", "jaxsparse.metrics", "jaxsparse.moe"),
     ("jaxsparse.parallel",),
     ("jaxsparse.nn", "jaxsparse"),
     ("models",),
@@ -29,6 +29,7 @@ ALLOWED_THIRD_PARTY = {
     "jaxsparse.masks": {"jax", "numpy", "matplotlib"},
     "jaxsparse.ops": {"jax", "numpy"},
     "jaxsparse.metrics": {"jax", "numpy"},
+    "jaxsparse.moe": {"jax", "numpy"},
     "jaxsparse.parallel": {"jax", "numpy"},
     "jaxsparse.nn": {"jax", "numpy", "flax"},
     "jaxsparse": {"jax", "numpy", "flax"},
