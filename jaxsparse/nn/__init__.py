@@ -11,7 +11,8 @@ Example::
 
 from jaxsparse.nn.activity import collect_activity, sparsity_report
 from jaxsparse.nn.attention import Attention
+from jaxsparse.nn.moe import MoE, BlockFFN, RouterBias
 from jaxsparse.nn.rotary import apply_rotary
 from jaxsparse.nn.sparse_ffn import SparkFFN, SparseGatedFFN
 
-__all__ = ["Attention", "SparkFFN", "SparseGatedFFN", "apply_rotary", "collect_activity", "sparsity_report"]
+__all__ = ["Attention", "BlockFFN", "MoE", "RouterBias", "SparkFFN", "SparseGatedFFN", "apply_rotary", "collect_activity", "sparsity_report"]
