@@ -24,6 +24,7 @@ train: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.attention
 	$(BIN)/python -m benchmarks.activation_sparsity
+	$(BIN)/python -m benchmarks.moe
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

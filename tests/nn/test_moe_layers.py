@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxsparse.metrics import chunk_level_sparsity, token_level_sparsity
 from jaxsparse.nn import BlockFFN, MoE, RouterBias
 from jaxsparse.testing import assert_allclose, random_normal
 
@@ -90,6 +91,10 @@ def test_blockffn_matches_formula_and_decode_union(gated):
                          for n, v in enumerate(tokens)])
     assert_allclose(y, expected.reshape(x.shape), dtype=jnp.float32)
     np.testing.assert_array_equal(np.asarray(aux["activity"]).reshape(-1, 6), r > 0)
+    # Token- and chunk-level sparsity over experts read straight from the activity.
+    used = (r > 0).reshape(2, 2, 4, 6).any(2)
+    np.testing.assert_allclose(float(chunk_level_sparsity(aux["activity"], 4)), 1 - used.mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(token_level_sparsity(aux["activity"])), 1 - (r > 0).mean(), rtol=1e-6)
     assert np.isfinite(float(aux["locality"])) and 0 < float(aux["chunk_sparsity"]) <= 1
     y_decode, union = nnx.jit(lambda m, x: m.decode(x, max_experts=6, chunk=4))(layer, x.reshape(-1, 16))
     assert_allclose(y_decode, y.reshape(-1, 16))
