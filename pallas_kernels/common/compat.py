@@ -30,6 +30,12 @@ def tpu_interpret_params(detect_races: bool = False):
     return TPUInterpretParams(detect_races=detect_races)
 
 
+def tpu_interpret_value(interpret):
+    """A TPU kernel's ``interpret=`` argument as ``pallas_call`` wants it: True becomes default
+    interpreter parameters; False and explicit parameters pass through."""
+    return tpu_interpret_params() if interpret is True else interpret
+
+
 # GPU (Triton backend) names.
 TritonCompilerParams = None if pl_triton is None else pl_triton.CompilerParams
 

@@ -56,13 +56,6 @@ _MATMUL = (((1,), (0,)), ((), ()))
 ElementMask = Callable[..., jax.Array]
 
 
-def _interpret_value(interpret):
-    """Maps ``interpret=True`` to TPU interpreter parameters; passes parameters through."""
-    if interpret is True:
-        return compat.tpu_interpret_params()
-    return interpret
-
-
 def _finite_or_zero(x: jax.Array) -> jax.Array:
     """x with -inf replaced by 0: a safe shift for rows whose max (or lse) is -inf."""
     return jnp.where(x == -jnp.inf, 0.0, x)
@@ -384,7 +377,7 @@ def block_sparse_attention_forward(
             ],
         ),
         compiler_params=_compiler_params(),
-        interpret=_interpret_value(interpret),
+        interpret=compat.tpu_interpret_value(interpret),
         name=FORWARD_NAME,
     )(kv_indices, kv_counts, kv_full, q, k, v, *operand_inputs)
     return o, lse[..., 0]
@@ -509,7 +502,7 @@ def _backward_dq(
             scratch_shapes=[compat.VMEM((block_q, head_dim), jnp.float32)],
         ),
         compiler_params=_compiler_params(),
-        interpret=_interpret_value(interpret),
+        interpret=compat.tpu_interpret_value(interpret),
         name=BACKWARD_DQ_NAME,
     )(kv_indices, kv_counts, kv_full, q, k, v, do, lse, delta, *operand_inputs)
 
@@ -556,6 +549,6 @@ def _backward_dkv(
             ],
         ),
         compiler_params=_compiler_params(),
-        interpret=_interpret_value(interpret),
+        interpret=compat.tpu_interpret_value(interpret),
         name=BACKWARD_DKV_NAME,
     )(q_indices, q_counts, q_full, q, k, v, do, lse, delta, *operand_inputs)

@@ -79,13 +79,6 @@ def check_support(inner_dim: int, out_dim: int, dtype) -> None:
         )
 
 
-def _interpret_value(interpret):
-    """Maps ``interpret=True`` to TPU interpreter parameters; passes parameters through."""
-    if interpret is True:
-        return compat.tpu_interpret_params()
-    return interpret
-
-
 def _sublanes(dtype) -> int:
     """Rows per native Mosaic tile: 8 for 32-bit dtypes, 16 for bfloat16."""
     return 8 * (4 // jnp.dtype(dtype).itemsize)
@@ -335,7 +328,7 @@ def grouped_matmul(
         compiler_params=compat.TPUCompilerParams(
             dimension_semantics=("parallel", "arbitrary", "arbitrary")
         ),
-        interpret=_interpret_value(interpret),
+        interpret=compat.tpu_interpret_value(interpret),
         cost_estimate=cost,
         name=GROUPED_MATMUL_NAME,
     )(*metadata, x, w)
@@ -416,7 +409,7 @@ def transposed_grouped_matmul(
         compiler_params=compat.TPUCompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")
         ),
-        interpret=_interpret_value(interpret),
+        interpret=compat.tpu_interpret_value(interpret),
         cost_estimate=cost,
         name=TRANSPOSED_GROUPED_MATMUL_NAME,
     )(*metadata, x, dy)

@@ -69,13 +69,6 @@ def check_support(model_dim: int, dtype) -> None:
         raise ValueError(f"sparse_ffn: dtype must be float32 or bfloat16, got {jnp.dtype(dtype)}")
 
 
-def _interpret_value(interpret):
-    """Maps ``interpret=True`` to TPU interpreter parameters; passes parameters through."""
-    if interpret is True:
-        return compat.tpu_interpret_params()
-    return interpret
-
-
 def _active_rows(count, block, block_neurons):
     """Number of active list entries in neuron block ``block``: clip(count - block * bn, 0, bn)."""
     return jnp.clip(count - block * block_neurons, 0, block_neurons)
@@ -246,7 +239,7 @@ def sparse_ffn_forward(
             ],
         ),
         compiler_params=compat.TPUCompilerParams(dimension_semantics=("parallel", "arbitrary")),
-        interpret=_interpret_value(interpret),
+        interpret=compat.tpu_interpret_value(interpret),
         name=FORWARD_NAME,
     )(indices, counts, x, *gate_inputs, *weights)
     return y[:, :length]
