@@ -14,7 +14,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Layers from bottom to top; a module may import only its own layer or lower ones.
 LAYERS = [
     ("pallas_kernels",),
-    ("jaxsparse.typing", "jaxsparse.testing", "jaxsparse.masks", "jaxsparse.ops", "jaxsparse.metrics", "jaxsparse.moe"),
+    ("jaxsparse.typing", "jaxsparse.testing", "jaxsparse.masks", "jaxsparse.ops", "jaxsparse.metrics", "jaxsparse.moe",
+     "jaxsparse.kv"),
     ("jaxsparse.parallel",),
     ("jaxsparse.nn", "jaxsparse"),
     ("models",),
@@ -30,6 +31,7 @@ ALLOWED_THIRD_PARTY = {
     "jaxsparse.ops": {"jax", "numpy"},
     "jaxsparse.metrics": {"jax", "numpy"},
     "jaxsparse.moe": {"jax", "numpy"},
+    "jaxsparse.kv": {"jax", "numpy"},
     "jaxsparse.parallel": {"jax", "numpy"},
     "jaxsparse.nn": {"jax", "numpy", "flax"},
     "jaxsparse": {"jax", "numpy", "flax"},

@@ -1,0 +1,34 @@
+"""Calling the Pallas decode-attention kernels: layout, block lists, interpret mode."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from jaxsparse.kv.cache import KVCache
+from jaxsparse.ops.decode_attention.selection import BlockSelection
+from jaxsparse.ops.platform import check_kernel_support, interpret_on
+
+
+def kernel_runner(kernel: ModuleType, platform: str, implementation: str, default_block: int):
+    """``run(q [B, K, G, Tq, D], cache, selection, *, scale, softcap) -> (o, lse)`` over ``kernel``."""
+
+    def run(q, cache: KVCache, selection, *, scale, softcap):
+        interpret = interpret_on(platform, implementation)
+        if selection is None:
+            selection = BlockSelection.all_blocks(cache.batch, cache.kv_heads, cache.capacity, default_block)
+        if not isinstance(selection, BlockSelection):
+            raise NotImplementedError(
+                f"implementation={implementation!r} reads listed blocks; a PositionSelection needs implementation='xla'")
+        block = selection.block_size
+        check_kernel_support(kernel.check_support, implementation, cache.head_dim, block, q.dtype)
+        if cache.capacity % block:
+            raise NotImplementedError(f"implementation={implementation!r} needs the cache capacity "
+                                      f"{cache.capacity} to be a multiple of the block size {block}")
+        batch, kv_heads, groups, queries, head_dim = q.shape
+        rows = q.reshape(batch, kv_heads, groups * queries, head_dim)  # row r = g * Tq + t
+        out, lse = kernel.decode_attention_forward(
+            rows, cache.keys.astype(q.dtype), cache.values.astype(q.dtype), selection.indices, selection.counts,
+            cache.lengths, scale=scale, softcap=softcap, queries_per_head=queries, block_kv=block, interpret=interpret)
+        return out.reshape(q.shape), lse.reshape(q.shape[:-1])
+
+    return run
