@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.attention
 	$(BIN)/python -m benchmarks.activation_sparsity
 	$(BIN)/python -m benchmarks.moe
+	$(BIN)/python -m benchmarks.kv_selection
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
