@@ -1,5 +1,13 @@
 """KV caches for decoding, and the selection and eviction policies that read or keep part of them."""
 
 from jaxsparse.kv.cache import KVCache
+from jaxsparse.kv.eviction import (
+    EvictedKVCache,
+    evicted_decode_attention,
+    heavy_hitter_append,
+    snapkv_prefill,
+    streaming_llm_append,
+)
 
-__all__ = ["KVCache"]
+__all__ = ["EvictedKVCache", "KVCache", "evicted_decode_attention", "heavy_hitter_append", "snapkv_prefill",
+           "streaming_llm_append"]
