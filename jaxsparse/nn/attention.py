@@ -5,9 +5,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxsparse.kv.cache import KVCache
 from jaxsparse.masks import BlockMask, Mask
 from jaxsparse.nn.rotary import apply_rotary
 from jaxsparse.ops.attention import IMPLEMENTATIONS, BlockSizes, attention
+from jaxsparse.ops.decode_attention import decode_attention
 
 
 class Attention(nnx.Module):
@@ -203,6 +205,41 @@ class Attention(nnx.Module):
             out, lse = result
             return self.out(out), lse
         return self.out(result)
+
+
+    def decode(self, x, cache: KVCache, *, select=None, implementation: str | None = None):
+        """Decodes ``Tq`` new tokens against a KV cache: project, rotate, append, select, attend.
+
+        The new tokens sit at positions ``cache.lengths + arange(Tq)``; their keys and values are
+        appended first, so each new query sees the cache and the new tokens up to itself. The
+        layer's training mask is not applied here: what a query reads is the whole cache or what
+        ``select`` returns (express a sliding window or sinks as a selection).
+
+        Args:
+          x: ``[B, Tq, M]``.
+          cache: this layer's :class:`~jaxsparse.kv.KVCache` (``K`` kv heads, ``D`` head dim).
+          select: optional policy ``select(q [B, Tq, H, D], cache) -> BlockSelection |
+            PositionSelection`` (e.g. ``functools.partial(jaxsparse.kv.selection.top_k_keys, k=256)``).
+          implementation: the decode-attention backend (see :func:`jaxsparse.ops.decode_attention.decode_attention`).
+
+        Returns:
+          ``(y [B, Tq, M], the updated cache)``.
+        """
+        if not hasattr(x, "ndim") or x.ndim != 3 or x.shape[-1] != self.model_dim:
+            raise ValueError(f"x must have shape [B, Tq, M={self.model_dim}], got {getattr(x, 'shape', None)}")
+        if cache.kv_heads != self.num_kv_heads or cache.head_dim != self.head_dim:
+            raise ValueError(f"the cache has K={cache.kv_heads}, D={cache.head_dim}; this layer needs "
+                             f"K={self.num_kv_heads}, D={self.head_dim}")
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        if self.rope_theta is not None:
+            positions = cache.lengths[:, None] + jnp.arange(x.shape[1])
+            q = apply_rotary(q, positions, theta=self.rope_theta)
+            k = apply_rotary(k, positions, theta=self.rope_theta)
+        cache = cache.append(k, v)
+        selection = None if select is None else select(q, cache)
+        out = decode_attention(q, cache, selection=selection, scale=self.scale, softcap=self.softcap,
+                               implementation=implementation)
+        return self.out(out), cache
 
 
 def _logical_axes(names: tuple[str, ...]) -> dict:

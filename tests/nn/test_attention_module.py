@@ -4,6 +4,8 @@ The reference below shares nothing with the library but the layer's parameters: 
 RoPE as a complex rotation, masks as elementwise predicates, one dense softmax.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jaxsparse import BlockSizes, make_block_mask, masks
+from jaxsparse.kv import KVCache
+from jaxsparse.kv.selection import top_k_keys
 from jaxsparse.nn import Attention, apply_rotary
 from jaxsparse.testing import assert_allclose, random_normal
 
@@ -283,3 +287,34 @@ def test_bad_call_arguments_raise():
         Attention(MODEL_DIM, HEADS, rope_theta=None, rngs=nnx.Rngs(0))(x, positions=jnp.arange(LENGTH))
     with pytest.raises(TypeError, match="mask"):
         Attention(MODEL_DIM, HEADS, mask="causal", rngs=nnx.Rngs(0))
+
+
+class TestDecode:
+    """Attention.decode with a KV cache equals the causal training forward."""
+
+    def _layer_and_tokens(self):
+        layer = Attention(32, 4, num_kv_heads=2, mask=masks.causal(), rngs=nnx.Rngs(0))
+        x = jax.random.normal(jax.random.key(1), (2, 7, 32))
+        return layer, x
+
+    @pytest.mark.parametrize("chunk", [1, 3])
+    def test_token_by_token_equals_causal_forward(self, chunk):
+        layer, x = self._layer_and_tokens()
+        expected = layer(x)
+        cache = KVCache.create(2, 16, 2, 8)
+        outputs = []
+        for start in range(0, 7, chunk):
+            y, cache = layer.decode(x[:, start : start + chunk], cache)
+            outputs.append(y)
+        np.testing.assert_allclose(np.asarray(jnp.concatenate(outputs, axis=1)), np.asarray(expected), rtol=2e-5, atol=2e-5)
+        np.testing.assert_array_equal(np.asarray(cache.lengths), [7, 7])
+
+    def test_decode_with_a_policy_that_selects_everything(self):
+        layer, x = self._layer_and_tokens()
+        cache = KVCache.create(2, 16, 2, 8)
+        _, cache = layer.decode(x[:, :6], cache)
+        dense, _ = layer.decode(x[:, 6:], cache)
+        selected, _ = layer.decode(x[:, 6:], cache, select=functools.partial(top_k_keys, k=16))
+        np.testing.assert_allclose(np.asarray(selected), np.asarray(dense), rtol=2e-5, atol=2e-5)
+        with pytest.raises(ValueError, match="the cache has K=1"):
+            layer.decode(x[:, :1], KVCache.create(2, 16, 1, 8))
