@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.report import cpu_heading, has_section, markdown_table, write_section
-from jaxsparse.kv import KVCache
+from jaxsparse.kv import EvictedKVCache, KVCache
 from jaxsparse.kv.selection import attention_mass_recall, top_k_keys
 from jaxsparse.ops.decode_attention import decode_attention
 from jaxsparse.testing import median_time
@@ -52,7 +52,19 @@ def decode_rows(batches, capacity, repeats):
     return rows
 
 
-def cpu_markdown(rows, capacity) -> str:
+def memory_rows(capacity, budget_share=0.2):
+    """Bytes of keys and values: the full cache vs an evicted cache at ``budget_share`` of it."""
+    full = KVCache.create(1, capacity, KV_HEADS, HEAD_DIM)
+    budget = int(capacity * budget_share)
+    evicted = EvictedKVCache.create(1, budget, KV_HEADS, HEAD_DIM)
+    full_bytes = full.keys.nbytes + full.values.nbytes
+    rows = [["full cache", f"{full_bytes / 2**20:.0f} MiB", "100%"]]
+    for policy in ("StreamingLLM (`streaming_llm_append`)", "H2O / A2SF (`heavy_hitter_append`)", "SnapKV (`snapkv_prefill`)"):
+        rows.append([policy, f"{evicted.nbytes() / 2**20:.0f} MiB", f"{evicted.nbytes() / full_bytes:.0%}"])
+    return rows
+
+
+def cpu_markdown(rows, capacity, memory) -> str:
     lines = [cpu_heading(), "", f"One decode step, float32, S = {capacity}, H = {HEADS}, K = {KV_HEADS}, D = {HEAD_DIM}: "
              "`decode_attention` over the whole cache vs `top_k_keys` (score with the first r dims of q and k, keep "
              f"{SELECTED} keys per kv head) followed by `decode_attention` over the selection, selection included. "
@@ -61,6 +73,10 @@ def cpu_markdown(rows, capacity) -> str:
              "Goal >= 8x. Recall: mean share of the exact softmax mass the selection covers (random keys: the "
              "attention is diffuse, so recall is low; trained models concentrate it).", ""]
     lines += markdown_table(["batch", "selection", "keys kept (mean)", "recall", "dense / selected"], rows, "rlrrr")
+    lines += ["", f"**Eviction memory** at a 20% budget (one sequence, S = {capacity}, K = {KV_HEADS}, D = {HEAD_DIM}, "
+              "float32): bytes of the arrays each policy keeps (`EvictedKVCache` holds `budget` slots per head; "
+              "positions and scores add 8 bytes per slot).", ""]
+    lines += markdown_table(["cache", "keys + values", "of full"], memory, "lrr")
     return "\n".join(lines)
 
 
@@ -71,7 +87,7 @@ def main(argv=None):
     capacity = 4096 if args.quick else 32768
     rows = decode_rows([1] if args.quick else [1, 8], capacity, 1 if args.quick else 5)
     if not args.quick:
-        write_section("kv-cpu", cpu_markdown(rows, capacity), title=TITLE)
+        write_section("kv-cpu", cpu_markdown(rows, capacity, memory_rows(capacity)), title=TITLE)
         if not has_section("kv-gpu"):
             write_section("kv-gpu", "### GPU\n\nNot measured yet: no GPU was lent to the session that wrote this file "
                           f"({datetime.date.today()}).", title=TITLE)

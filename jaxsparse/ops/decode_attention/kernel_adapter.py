@@ -9,6 +9,12 @@ from jaxsparse.ops.decode_attention.selection import BlockSelection
 from jaxsparse.ops.platform import check_kernel_support, interpret_on
 
 
+def _num_splits(listed_blocks: int) -> int:
+    """Split-K for long lists: about 8 blocks per split, at most 8 splits, so that one sequence
+    and kv head (a single decode query) still spreads over several cores."""
+    return max(1, min(8, listed_blocks // 8))
+
+
 def kernel_runner(kernel: ModuleType, platform: str, implementation: str, default_block: int):
     """``run(q [B, K, G, Tq, D], cache, selection, *, scale, softcap) -> (o, lse)`` over ``kernel``."""
 
@@ -28,7 +34,8 @@ def kernel_runner(kernel: ModuleType, platform: str, implementation: str, defaul
         rows = q.reshape(batch, kv_heads, groups * queries, head_dim)  # row r = g * Tq + t
         out, lse = kernel.decode_attention_forward(
             rows, cache.keys.astype(q.dtype), cache.values.astype(q.dtype), selection.indices, selection.counts,
-            cache.lengths, scale=scale, softcap=softcap, queries_per_head=queries, block_kv=block, interpret=interpret)
+            cache.lengths, scale=scale, softcap=softcap, queries_per_head=queries, block_kv=block,
+            num_splits=_num_splits(selection.indices.shape[-1]), interpret=interpret)
         return out.reshape(q.shape), lse.reshape(q.shape[:-1])
 
     return run
