@@ -48,6 +48,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import compat
+from pallas_kernels.common.tiles import finite_or_zero, matmul
+from pallas_kernels.gpu import online_softmax
 from pallas_kernels.gpu.block_sparse_layout import (
     check_inputs,
     check_mask_operands,
@@ -69,20 +71,6 @@ MaskOperands = tuple[Sequence[jax.Array], Sequence[jax.Array], Sequence[jax.Arra
 # Tile math shared by the three kernels.
 
 
-def _matmul(a, b, *, transpose_a=False, transpose_b=False):
-    """Returns ``op(a) @ op(b)`` for 2-D tiles, in the inputs' dtype with float32 accumulation."""
-    contract_a = 0 if transpose_a else 1
-    contract_b = 1 if transpose_b else 0
-    return lax.dot_general(
-        a, b, (((contract_a,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32
-    )
-
-
-def _zero_if_infinite(x):
-    """Replaces -inf row statistics by 0 so that ``exp(s - x)`` is 0 (not NaN) for s = -inf."""
-    return jnp.where(jnp.isneginf(x), 0.0, x)
-
-
 def _tile_scores(q, k, *, is_full, visible_fn, q_start, kv_start, scale, softcap):
     """Scaled, soft-capped and masked scores of one tile.
 
@@ -102,7 +90,7 @@ def _tile_scores(q, k, *, is_full, visible_fn, q_start, kv_start, scale, softcap
       tanh(scale * q.k / c) (needed by the backward) or None without softcap.
     """
     block_q, block_kv = q.shape[0], k.shape[0]
-    s = _matmul(q, k, transpose_b=True) * scale
+    s = matmul(q, k, transpose_b=True) * scale
     capped_tanh = None
     if softcap is not None:
         capped_tanh = jnp.tanh(s / softcap)
@@ -176,7 +164,6 @@ def _forward_kernel(
     q = q_ref[...]
 
     def visit_kv_block(step, carry):
-        acc, row_max, row_sum = carry
         kv_block = kv_indices_ref[step]
         kv_slice = pl.ds(kv_block * block_kv, block_kv)
         visible_fn = _make_visible_fn(
@@ -187,25 +174,13 @@ def _forward_kernel(
             q_start=q_block * block_q, kv_start=kv_block * block_kv, scale=scale,
             softcap=softcap,
         )
-        new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
-        shift = _zero_if_infinite(new_max)
-        correction = jnp.exp(row_max - shift)
-        p = jnp.exp(s - shift[:, None])
-        v = v_ref[kv_slice, :]
-        acc = correction[:, None] * acc + _matmul(p.astype(v.dtype), v)
-        row_sum = correction * row_sum + jnp.sum(p, axis=1)
-        return acc, new_max, row_sum
+        return online_softmax.step(carry, s, v_ref[kv_slice, :])
 
-    init = (
-        jnp.zeros(o_ref.shape, jnp.float32),
-        jnp.full((block_q,), -jnp.inf, jnp.float32),
-        jnp.zeros((block_q,), jnp.float32),
-    )
-    acc, row_max, row_sum = lax.fori_loop(0, kv_counts_ref[...], visit_kv_block, init)
-    # Empty rows have row_sum == 0 and row_max == -inf: o = 0 and lse = -inf + log(1) = -inf.
-    safe_sum = jnp.where(row_sum == 0.0, 1.0, row_sum)
-    o_ref[...] = (acc / safe_sum[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = row_max + jnp.log(safe_sum)
+    init = online_softmax.init(block_q, o_ref.shape[1])
+    carry = lax.fori_loop(0, kv_counts_ref[...], visit_kv_block, init)
+    o, lse = online_softmax.finish(carry)
+    o_ref[...] = o.astype(o_ref.dtype)
+    lse_ref[...] = lse
 
 
 def _backward_dq_kernel(
@@ -221,7 +196,7 @@ def _backward_dq_kernel(
     batch, head, q_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     scalars = _load_scalars(mask_refs)
     q, do = q_ref[...], do_ref[...]
-    lse_shift = _zero_if_infinite(lse_ref[...])[:, None]
+    lse_shift = finite_or_zero(lse_ref[...])[:, None]
     delta = delta_ref[...][:, None]
 
     def visit_kv_block(step, dq_acc):
@@ -236,11 +211,11 @@ def _backward_dq_kernel(
             kv_start=kv_block * block_kv, scale=scale, softcap=softcap,
         )
         p = jnp.exp(s - lse_shift)
-        dp = _matmul(do, v_ref[kv_slice, :], transpose_b=True)
+        dp = matmul(do, v_ref[kv_slice, :], transpose_b=True)
         ds = p * (dp - delta)
         if capped_tanh is not None:
             ds = ds * (1.0 - capped_tanh * capped_tanh)
-        return dq_acc + _matmul(ds.astype(k.dtype), k)
+        return dq_acc + matmul(ds.astype(k.dtype), k)
 
     dq = lax.fori_loop(
         0, kv_counts_ref[...], visit_kv_block, jnp.zeros(dq_ref.shape, jnp.float32)
@@ -275,13 +250,13 @@ def _backward_dkv_kernel(
             q, k, is_full=q_full_ref[step], visible_fn=visible_fn, q_start=q_block * block_q,
             kv_start=kv_block * block_kv, scale=scale, softcap=softcap,
         )
-        p = jnp.exp(s - _zero_if_infinite(lse_ref[q_slice])[:, None])
-        dv_acc = dv_acc + _matmul(p.astype(do.dtype), do, transpose_a=True)
-        dp = _matmul(do, v, transpose_b=True)
+        p = jnp.exp(s - finite_or_zero(lse_ref[q_slice])[:, None])
+        dv_acc = dv_acc + matmul(p.astype(do.dtype), do, transpose_a=True)
+        dp = matmul(do, v, transpose_b=True)
         ds = p * (dp - delta_ref[q_slice][:, None])
         if capped_tanh is not None:
             ds = ds * (1.0 - capped_tanh * capped_tanh)
-        dk_acc = dk_acc + _matmul(ds.astype(q.dtype), q, transpose_a=True)
+        dk_acc = dk_acc + matmul(ds.astype(q.dtype), q, transpose_a=True)
         return dk_acc, dv_acc
 
     zeros = jnp.zeros(dk_ref.shape, jnp.float32)

@@ -52,6 +52,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import compat
+from pallas_kernels.common.tiles import matmul
+from pallas_kernels.gpu import online_softmax
 from pallas_kernels.common.decode_attention_inputs import check_decode_attention_inputs, merge_splits
 
 FORWARD_NAME = "jaxsparse_decode_attention_fwd"
@@ -80,12 +82,6 @@ def check_support(head_dim: int, block_kv: int, dtype) -> None:
         )
 
 
-def _matmul(a, b, *, transpose_b=False):
-    """``a @ op(b)`` for 2-D tiles (``tl.dot``), in the inputs' dtype with float32 accumulation."""
-    dims = (((1,), (1 if transpose_b else 0,)), ((), ()))
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-
-
 def _decode_kernel(
     q_ref, k_ref, v_ref, indices_ref, counts_ref, lengths_ref, o_ref, lse_ref, *,
     scale, softcap, rows, queries_per_head, block_kv, entries_per_split,
@@ -110,34 +106,20 @@ def _decode_kernel(
     v_row = lax.broadcasted_iota(jnp.int32, (block_kv, v_ref.shape[1]), 0)
 
     def visit_block(entry, carry):
-        acc, row_max, row_sum = carry
         start = pl.multiple_of(indices_ref[entry] * block_kv, block_kv)
         kv_slice = pl.ds(start, block_kv)
-        s = _matmul(q, k_ref[kv_slice, :], transpose_b=True) * scale
+        s = matmul(q, k_ref[kv_slice, :], transpose_b=True) * scale
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
         key_pos = start + column
         s = jnp.where((key_pos <= query_pos) & (key_pos < length), s, -jnp.inf)
-        new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
-        shift = jnp.where(jnp.isneginf(new_max), 0.0, new_max)
-        correction = jnp.exp(row_max - shift)
-        p = jnp.exp(s - shift[:, None])
         # Stale cache rows (at or past the length) may hold NaN: 0 * NaN would leak into p @ v.
         v = jnp.where(start + v_row < length, v_ref[kv_slice, :], 0)
-        acc = correction[:, None] * acc + _matmul(p.astype(v.dtype), v)
-        row_sum = correction * row_sum + jnp.sum(p, axis=1)
-        return acc, new_max, row_sum
+        return online_softmax.step(carry, s, v)
 
-    init = (
-        jnp.zeros(o_ref.shape, jnp.float32),
-        jnp.full((padded_rows,), -jnp.inf, jnp.float32),
-        jnp.zeros((padded_rows,), jnp.float32),
-    )
-    acc, row_max, row_sum = lax.fori_loop(first, jnp.maximum(first, last), visit_block, init)
-    # Empty rows: row_sum == 0, row_max == -inf, so o = 0 and lse = -inf + log(1) = -inf.
-    safe_sum = jnp.where(row_sum == 0.0, 1.0, row_sum)
-    o_ref[...] = acc / safe_sum[:, None]
-    lse_ref[...] = row_max + jnp.log(safe_sum)
+    init = online_softmax.init(padded_rows, o_ref.shape[1])
+    carry = lax.fori_loop(first, jnp.maximum(first, last), visit_block, init)
+    o_ref[...], lse_ref[...] = online_softmax.finish(carry)
 
 
 def decode_attention_forward(

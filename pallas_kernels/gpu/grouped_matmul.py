@@ -72,6 +72,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import compat
+from pallas_kernels.common.tiles import matmul
 
 GROUPED_MATMUL_NAME = "jaxsparse_grouped_matmul"
 TRANSPOSED_GROUPED_MATMUL_NAME = "jaxsparse_grouped_matmul_transposed"
@@ -150,12 +151,6 @@ def _pad_rows(a, num_rows: int):
     return a if a.shape[0] == num_rows else jnp.pad(a, ((0, num_rows - a.shape[0]), (0, 0)))
 
 
-def _matmul(a, b, *, transpose_a=False, transpose_b=False):
-    """``op(a) @ op(b)`` for 2-D tiles, in the inputs' dtype with float32 accumulation."""
-    dims = (((0 if transpose_a else 1,), (1 if transpose_b else 0,)), ((), ()))
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-
-
 # ----------------------------------------------------------------------------------------------
 # grouped_matmul.
 
@@ -224,8 +219,8 @@ def _grouped_matmul_kernel(
             inner = pl.ds(pl.multiple_of(k * block_inner, block_inner), block_inner)
             x = x_ref[rows, inner]
             if transpose_rhs:
-                return acc + _matmul(x, w_ref[group, :, inner], transpose_b=True)
-            return acc + _matmul(x, w_ref[group, inner, :])
+                return acc + matmul(x, w_ref[group, :, inner], transpose_b=True)
+            return acc + matmul(x, w_ref[group, inner, :])
 
         acc = lax.fori_loop(
             0, x_ref.shape[1] // block_inner, step,
@@ -337,7 +332,7 @@ def _transposed_grouped_matmul_kernel(
         inside = ((row_ids >= start) & (row_ids < end))[:, None]
         x = jnp.where(inside, x_ref[rows, :], 0).astype(x_ref.dtype)
         dy = jnp.where(inside, dy_ref[rows, :], 0).astype(dy_ref.dtype)
-        return acc + _matmul(x, dy, transpose_a=True)
+        return acc + matmul(x, dy, transpose_a=True)
 
     acc = lax.fori_loop(first, last, step, jnp.zeros(dw_ref.shape, jnp.float32))
     dw_ref[...] = acc.astype(dw_ref.dtype)

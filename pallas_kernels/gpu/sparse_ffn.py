@@ -62,6 +62,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import compat
+from pallas_kernels.common.tiles import matmul
 from pallas_kernels.common.sparse_ffn_inputs import check_sparse_ffn_inputs
 
 FORWARD_NAME = "jaxsparse_sparse_ffn_fwd"
@@ -96,8 +97,7 @@ def _matmul(a, b, *, transpose_b=False, use_dot=True):
     cols(op(b)), inner]), for tiles whose row count is below ``tl.dot``'s minimum of 16.
     """
     if use_dot:
-        dims = (((1,), (1 if transpose_b else 0,)), ((), ()))
-        return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+        return matmul(a, b, transpose_b=transpose_b)
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     if transpose_b:  # [R, K] x [N, K] -> [R, N, K], reduced over K.
         return jnp.sum(a[:, None, :] * b[None, :, :], axis=2)

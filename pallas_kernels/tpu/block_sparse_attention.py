@@ -37,6 +37,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import compat
+from pallas_kernels.common.tiles import finite_or_zero, matmul
+from pallas_kernels.tpu import online_softmax
 from pallas_kernels.tpu.block_sparse_layout import (
     ListLayout,
     MaskOperandLayout,
@@ -49,34 +51,8 @@ FORWARD_NAME = "jaxsparse_block_sparse_attention_fwd"
 BACKWARD_DQ_NAME = "jaxsparse_block_sparse_attention_bwd_dq"
 BACKWARD_DKV_NAME = "jaxsparse_block_sparse_attention_bwd_dkv"
 
-# dot_general dimension numbers: contract the last axes (A @ B.T), and the standard A @ B.
-_CONTRACT_LAST = (((1,), (1,)), ((), ()))
-_MATMUL = (((1,), (0,)), ((), ()))
 
 ElementMask = Callable[..., jax.Array]
-
-
-def _finite_or_zero(x: jax.Array) -> jax.Array:
-    """x with -inf replaced by 0: a safe shift for rows whose max (or lse) is -inf."""
-    return jnp.where(x == -jnp.inf, 0.0, x)
-
-
-def _tile_logits(q, k, *, scale, softcap):
-    """Scaled (and soft-capped) logits of one tile.
-
-    Args:
-      q: [block_q, D] in the input dtype.
-      k: [block_kv, D] in the input dtype.
-
-    Returns:
-      (logits [block_q, block_kv] float32, the soft cap's derivative d capped / d scaled logits
-      [block_q, block_kv] float32, or None without a soft cap).
-    """
-    logits = lax.dot_general(q, k, _CONTRACT_LAST, preferred_element_type=jnp.float32) * scale
-    if softcap is None:
-        return logits, None
-    capped = jnp.tanh(logits / softcap)
-    return softcap * capped, 1.0 - capped * capped
 
 
 def _tile_visibility(
@@ -106,11 +82,11 @@ def _tile_gradients(q, k, v, do, lse, delta, visible, *, scale, softcap):
       (p, ds), both [block_q, block_kv] float32, with ds = d loss / d (q k^T) (scale included), so
       dq = ds @ k and dk = ds^T @ q.
     """
-    logits, softcap_grad = _tile_logits(q, k, scale=scale, softcap=softcap)
+    logits, softcap_grad = online_softmax.tile_logits(q, k, scale=scale, softcap=softcap)
     if visible is not None:
         logits = jnp.where(visible, logits, -jnp.inf)
-    p = jnp.exp(logits - _finite_or_zero(lse))
-    dp = lax.dot_general(do, v, _CONTRACT_LAST, preferred_element_type=jnp.float32)
+    p = jnp.exp(logits - finite_or_zero(lse))
+    dp = matmul(do, v, transpose_b=True)
     ds = p * (dp - delta)
     if softcap_grad is not None:
         ds = ds * softcap_grad
@@ -135,42 +111,23 @@ def _forward_kernel(
     b, h, q_block, step = (pl.program_id(axis) for axis in range(4))
     entry = layout.entry_offset(b, h, q_block, step)
 
-    @pl.when(step == 0)
-    def _init():
-        max_ref[...] = jnp.full(max_ref.shape, -jnp.inf, jnp.float32)
-        sum_ref[...] = jnp.zeros(sum_ref.shape, jnp.float32)
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    pl.when(step == 0)(lambda: online_softmax.init(max_ref, sum_ref, acc_ref))
 
     def visit(apply_mask):
-        v = v_ref[...]
-        logits, _ = _tile_logits(q_ref[...], k_ref[...], scale=scale, softcap=softcap)
+        logits, _ = online_softmax.tile_logits(q_ref[...], k_ref[...], scale=scale, softcap=softcap)
         if apply_mask:
             visible = _tile_visibility(
                 element_mask, operand_layout, operand_refs, b, h, q_block, kv_indices_ref[entry],
                 block_q, block_kv,
             )
             logits = jnp.where(visible, logits, -jnp.inf)
-        max_prev = max_ref[...]
-        max_next = jnp.maximum(max_prev, logits.max(axis=1, keepdims=True))
-        shift = _finite_or_zero(max_next)
-        p = jnp.exp(logits - shift)
-        rescale = jnp.exp(max_prev - shift)
-        sum_ref[...] = rescale * sum_ref[...] + p.sum(axis=1, keepdims=True)
-        acc_ref[...] = rescale * acc_ref[...] + lax.dot_general(
-            p.astype(v.dtype), v, _MATMUL, preferred_element_type=jnp.float32
-        )
-        max_ref[...] = max_next
+        online_softmax.accumulate(logits, v_ref[...], max_ref, sum_ref, acc_ref)
 
     count = kv_counts_ref[layout.count_offset(b, h, q_block)]
     _visit_listed_tile(visit, count, kv_full_ref[entry], step)
 
-    @pl.when(step == pl.num_programs(3) - 1)
-    def _finalise():
-        row_sum = sum_ref[...]
-        has_keys = row_sum > 0.0
-        safe_sum = jnp.where(has_keys, row_sum, 1.0)
-        o_ref[...] = (acc_ref[...] / safe_sum).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(has_keys, max_ref[...] + jnp.log(safe_sum), -jnp.inf)
+    pl.when(step == pl.num_programs(3) - 1)(
+        lambda: online_softmax.finalise(max_ref, sum_ref, acc_ref, o_ref, lse_ref))
 
 
 def _backward_dq_kernel(
@@ -200,9 +157,7 @@ def _backward_dq_kernel(
             q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...], visible,
             scale=scale, softcap=softcap,
         )
-        dq_acc_ref[...] += lax.dot_general(
-            ds.astype(k.dtype), k, _MATMUL, preferred_element_type=jnp.float32
-        )
+        dq_acc_ref[...] += matmul(ds.astype(k.dtype), k)
 
     count = kv_counts_ref[layout.count_offset(b, h, q_block)]
     _visit_listed_tile(visit, count, kv_full_ref[entry], step)
@@ -241,12 +196,8 @@ def _backward_dkv_kernel(
             q, k_ref[...], v_ref[...], do, lse_ref[...], delta_ref[...], visible,
             scale=scale, softcap=softcap,
         )
-        dv_acc_ref[...] += lax.dot_general(
-            p.T.astype(do.dtype), do, _MATMUL, preferred_element_type=jnp.float32
-        )
-        dk_acc_ref[...] += lax.dot_general(
-            ds.T.astype(q.dtype), q, _MATMUL, preferred_element_type=jnp.float32
-        )
+        dv_acc_ref[...] += matmul(p.T.astype(do.dtype), do)
+        dk_acc_ref[...] += matmul(ds.T.astype(q.dtype), q)
 
     count = q_counts_ref[layout.count_offset(b, h, kv_block)]
     _visit_listed_tile(visit, count, q_full_ref[entry], list_step)

@@ -65,6 +65,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.common import compat
 from pallas_kernels.common.decode_attention_inputs import check_decode_attention_inputs, merge_splits
+from pallas_kernels.tpu import online_softmax
 
 FORWARD_NAME = "jaxsparse_decode_attention_fwd"
 
@@ -72,9 +73,6 @@ _SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _LANES = 128
 _SUBLANES = 8
 
-# dot_general dimension numbers: contract the last axes (A @ B.T), and the standard A @ B.
-_CONTRACT_LAST = (((1,), (1,)), ((), ()))
-_MATMUL = (((1,), (0,)), ((), ()))
 
 
 def check_support(head_dim: int, block_kv: int, dtype) -> None:
@@ -91,11 +89,6 @@ def check_support(head_dim: int, block_kv: int, dtype) -> None:
         raise ValueError(
             f"decode_attention: block_kv must be a positive multiple of {_LANES}, got {block_kv}."
         )
-
-
-def _finite_or_zero(x: jax.Array) -> jax.Array:
-    """x with -inf replaced by 0: a safe shift for rows whose max (or lse) is -inf."""
-    return jnp.where(x == -jnp.inf, 0.0, x)
 
 
 def listed_entry(split, step, count, steps):
@@ -141,19 +134,11 @@ def _forward_kernel(
     length = lengths_ref[b]
     entry = split * steps + step
 
-    @pl.when(step == 0)
-    def _init():
-        max_ref[...] = jnp.full(max_ref.shape, -jnp.inf, jnp.float32)
-        sum_ref[...] = jnp.zeros(sum_ref.shape, jnp.float32)
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    pl.when(step == 0)(lambda: online_softmax.init(max_ref, sum_ref, acc_ref))
 
     def visit(block, apply_mask):
         v = v_ref[...]
-        logits = lax.dot_general(
-            q_ref[...], k_ref[...], _CONTRACT_LAST, preferred_element_type=jnp.float32
-        ) * scale
-        if softcap is not None:
-            logits = softcap * jnp.tanh(logits / softcap)
+        logits, _ = online_softmax.tile_logits(q_ref[...], k_ref[...], scale=scale, softcap=softcap)
         if apply_mask:
             start = block * block_kv
             key_pos = start + lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
@@ -163,16 +148,7 @@ def _forward_kernel(
             # iota has v's full shape, so the mask is built without broadcasting booleans.
             v_pos = start + lax.broadcasted_iota(jnp.int32, v.shape, 0)
             v = jnp.where(v_pos < length, v, jnp.zeros_like(v))
-        max_prev = max_ref[...]
-        max_next = jnp.maximum(max_prev, logits.max(axis=1, keepdims=True))
-        shift = _finite_or_zero(max_next)
-        p = jnp.exp(logits - shift)
-        rescale = jnp.exp(max_prev - shift)
-        sum_ref[...] = rescale * sum_ref[...] + p.sum(axis=1, keepdims=True)
-        acc_ref[...] = rescale * acc_ref[...] + lax.dot_general(
-            p.astype(v.dtype), v, _MATMUL, preferred_element_type=jnp.float32
-        )
-        max_ref[...] = max_next
+        online_softmax.accumulate(logits, v, max_ref, sum_ref, acc_ref)
 
     @pl.when(entry < count)
     def _listed():
@@ -182,13 +158,8 @@ def _forward_kernel(
         pl.when(whole)(lambda: visit(block, False))
         pl.when(jnp.logical_not(whole))(lambda: visit(block, True))
 
-    @pl.when(step == pl.num_programs(3) - 1)
-    def _finalise():
-        row_sum = sum_ref[...]
-        has_keys = row_sum > 0.0
-        safe_sum = jnp.where(has_keys, row_sum, 1.0)
-        o_ref[...] = (acc_ref[...] / safe_sum).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(has_keys, max_ref[...] + jnp.log(safe_sum), -jnp.inf)
+    pl.when(step == pl.num_programs(3) - 1)(
+        lambda: online_softmax.finalise(max_ref, sum_ref, acc_ref, o_ref, lse_ref))
 
 
 def live_counts(block_indices, block_counts, lengths, *, block_kv):

@@ -54,14 +54,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import compat
+from pallas_kernels.common.tiles import matmul
 
 GROUPED_MATMUL_NAME = "jaxsparse_grouped_matmul"
 TRANSPOSED_GROUPED_MATMUL_NAME = "jaxsparse_grouped_matmul_transposed"
 
-# dot_general dimension numbers: A @ B, A @ B.T (contract last axes), A.T @ B (contract rows).
-_MATMUL = (((1,), (0,)), ((), ()))
-_CONTRACT_LAST = (((1,), (1,)), ((), ()))
-_CONTRACT_ROWS = (((0,), (0,)), ((), ()))
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _LANES = 128
 
@@ -196,10 +193,7 @@ def _grouped_matmul_kernel(
 
     @pl.when(live)
     def _accumulate():
-        acc_ref[...] += lax.dot_general(
-            x_ref[...], w_ref[...], _CONTRACT_LAST if transpose_rhs else _MATMUL,
-            preferred_element_type=jnp.float32,
-        )
+        acc_ref[...] += matmul(x_ref[...], w_ref[...], transpose_b=transpose_rhs)
 
     def merge(previous):
         in_group = _rows_in_group(tile, first, end, acc_ref.shape, block_rows)
@@ -231,7 +225,7 @@ def _transposed_kernel(
         x, dy = x_ref[...], dy_ref[...]
         x = jnp.where(_rows_in_group(tile, first, end, x.shape, block_rows), x, 0)
         dy = jnp.where(_rows_in_group(tile, first, end, dy.shape, block_rows), dy, 0)
-        acc_ref[...] += lax.dot_general(x, dy, _CONTRACT_ROWS, preferred_element_type=jnp.float32)
+        acc_ref[...] += matmul(x, dy, transpose_a=True)
 
     @pl.when(group_ends)
     def _write():

@@ -48,13 +48,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import compat
+from pallas_kernels.common.tiles import matmul
 from pallas_kernels.common.sparse_ffn_inputs import check_sparse_ffn_inputs
 
 FORWARD_NAME = "jaxsparse_sparse_ffn_fwd"
 
-# dot_general dimension numbers: contract the last axes (A @ B.T), and the standard A @ B.
-_CONTRACT_LAST = (((1,), (1,)), ((), ()))
-_MATMUL = (((1,), (0,)), ((), ()))
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _SUBLANES = 8
 
@@ -120,21 +118,16 @@ def _forward_kernel(
         rows = _active_rows(count, block, block_neurons)
         x = x_ref[...]
         up_ref, down_ref = buffer_refs[:2]
-        up = lax.dot_general(x, up_ref[slot], _CONTRACT_LAST, preferred_element_type=jnp.float32)
+        up = matmul(x, up_ref[slot], transpose_b=True)
         if computed_gate:
-            pre = lax.dot_general(
-                x, buffer_refs[2][slot], _CONTRACT_LAST, preferred_element_type=jnp.float32
-            )
-            a = activation(pre)
+            a = activation(matmul(x, buffer_refs[2][slot], transpose_b=True))
         else:
             a = gate_refs[0][...]
         live = lax.broadcasted_iota(jnp.int32, up.shape, 1) < rows
         h = jnp.where(live, a * up, 0.0)
         down = down_ref[slot]
         down = jnp.where(lax.broadcasted_iota(jnp.int32, down.shape, 0) < rows, down, 0)
-        acc_ref[...] += lax.dot_general(
-            h.astype(down.dtype), down, _MATMUL, preferred_element_type=jnp.float32
-        )
+        acc_ref[...] += matmul(h.astype(down.dtype), down)
 
     @pl.when(block == pl.num_programs(1) - 1)
     def _finalise():

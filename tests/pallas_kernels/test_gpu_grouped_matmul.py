@@ -160,13 +160,13 @@ def test_work_follows_the_rows(monkeypatch):
     num_rows, inner_dim, out_dim, block_rows = 150, 64, 64, 32
     k_tiles, f_tiles = 2, 2  # 32-wide K and F tiles.
     products = []
-    tile_matmul = gmm._matmul
+    tile_matmul = gmm.matmul
 
     def counting_matmul(a, b, **kwargs):
         jax.debug.callback(lambda: products.append(1))
         return tile_matmul(a, b, **kwargs)
 
-    monkeypatch.setattr(gmm, "_matmul", counting_matmul)
+    monkeypatch.setattr(gmm, "matmul", counting_matmul)
     rng = np.random.default_rng(2)
     x, w, _, dy = random_problem(rng, group_sizes, num_rows, inner_dim, out_dim, jnp.float32)
     kwargs = dict(block_rows=block_rows, block_cols=32, block_inner=32, interpret=True)
