@@ -56,7 +56,8 @@ def _check_logits(logits):
     return logits.astype(jnp.float32)
 
 
-def _check_k(k, num_experts: int) -> None:
+def check_k(k, num_experts: int) -> None:
+    """Raises ValueError unless ``k`` (experts per token) is an integer in ``[1, E]``."""
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
         raise ValueError(f"k must be an integer in [1, {num_experts}] (the number of experts E), got {k!r}")
 
@@ -87,7 +88,7 @@ def top_k_router(logits, k: int, *, renormalize: str = "sum") -> Routing:
       ValueError: ``k`` outside ``[1, E]``, an unknown ``renormalize``, logits not ``[N, E]``.
     """
     logits = _check_logits(logits)
-    _check_k(k, logits.shape[-1])
+    check_k(k, logits.shape[-1])
     if renormalize not in RENORMALIZE:
         raise ValueError(f"renormalize must be one of {RENORMALIZE}, got {renormalize!r}")
     probs = jax.nn.softmax(logits, axis=-1)
@@ -132,7 +133,7 @@ def sigmoid_bias_router(logits, bias, k: int) -> Routing:
       k: experts per token, in ``[1, E]``.
     """
     logits = _check_logits(logits)
-    _check_k(k, logits.shape[-1])
+    check_k(k, logits.shape[-1])
     bias = jnp.asarray(bias, jnp.float32)
     if bias.shape != logits.shape[-1:]:
         raise ValueError(f"bias must be [E] = [{logits.shape[-1]}], got shape {bias.shape}")

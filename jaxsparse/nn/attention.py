@@ -7,6 +7,7 @@ from flax import nnx
 
 from jaxsparse.kv.cache import KVCache
 from jaxsparse.masks import BlockMask, Mask
+from jaxsparse.nn.parameters import check_positive_int, check_positive_number, logical_axes
 from jaxsparse.nn.rotary import apply_rotary
 from jaxsparse.ops.attention import IMPLEMENTATIONS, BlockSizes, attention
 from jaxsparse.ops.decode_attention import decode_attention
@@ -100,24 +101,24 @@ class Attention(nnx.Module):
             ``rope_theta``, ``softcap`` or ``scale``, an unknown ``implementation``.
           TypeError: a ``mask`` that is not a ``Mask``, ``block_sizes`` that are not ``BlockSizes``.
         """
-        _check_positive_int("model_dim", model_dim)
-        _check_positive_int("num_heads", num_heads)
+        check_positive_int("model_dim", model_dim)
+        check_positive_int("num_heads", num_heads)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        _check_positive_int("num_kv_heads", num_kv_heads)
+        check_positive_int("num_kv_heads", num_kv_heads)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be divisible by num_kv_heads={num_kv_heads}")
         if head_dim is None:
             head_dim = model_dim // num_heads
             if head_dim == 0:
                 raise ValueError(f"head_dim defaults to model_dim // num_heads = {model_dim} // {num_heads} = 0; pass a positive head_dim")
-        _check_positive_int("head_dim", head_dim)
+        check_positive_int("head_dim", head_dim)
         if rope_theta is not None:
-            _check_positive_number("rope_theta", rope_theta)
+            check_positive_number("rope_theta", rope_theta)
             if head_dim % 2:
                 raise ValueError(f"head_dim must be even for rotary embeddings (rope_theta={rope_theta}), got {head_dim}")
         for name, value in (("softcap", softcap), ("scale", scale)):
             if value is not None:
-                _check_positive_number(name, value)
+                check_positive_number(name, value)
         if implementation is not None and implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
         if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
@@ -146,8 +147,8 @@ class Attention(nnx.Module):
                 param_dtype=param_dtype,
                 kernel_init=kernel_init,
                 bias_init=bias_init,
-                kernel_metadata=_logical_axes(in_names + out_names),
-                bias_metadata=_logical_axes(out_names),
+                kernel_metadata=logical_axes(in_names + out_names),
+                bias_metadata=logical_axes(out_names),
                 rngs=rngs,
             )
 
@@ -241,17 +242,3 @@ class Attention(nnx.Module):
                                implementation=implementation)
         return self.out(out), cache
 
-
-def _logical_axes(names: tuple[str, ...]) -> dict:
-    """Variable metadata naming a parameter's logical axes without sharding it at creation."""
-    return {"out_sharding": names, "eager_sharding": False}
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _check_positive_number(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")

@@ -6,11 +6,11 @@ Both are thin modules over :mod:`jaxsparse.moe`: a router function, the dispatch
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxsparse import moe
+from jaxsparse.nn.parameters import check_positive_int, scaled_normal
 from jaxsparse.nn.sparse_ffn import SparseGatedFFN
 from jaxsparse.ops.activations import get_activation
 from jaxsparse.ops.sparse_ffn import select_active_neurons
@@ -22,25 +22,15 @@ class RouterBias(nnx.Variable):
     """A routing bias that is state, not a parameter: updated by a rule, never by gradients."""
 
 
-def _param(rngs: nnx.Rngs, shape, fan_in: int, dtype, names) -> nnx.Param:
-    value = jax.random.normal(rngs.params(), shape, dtype) * fan_in**-0.5
-    return nnx.Param(value, out_sharding=names, eager_sharding=False)
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 class _Experts(nnx.Module):
     """E gated expert FFNs: ``w_gate``, ``w_up`` ``[E, M, F]`` and ``w_down`` ``[E, F, M]``."""
 
     def _init_experts(self, model_dim, hidden_dim, num_experts, gated, param_dtype, rngs):
         names_in, names_out = ("experts", "embed", "mlp"), ("experts", "mlp", "embed")
         shape = (num_experts, model_dim, hidden_dim)
-        self.w_gate = _param(rngs, shape, model_dim, param_dtype, names_in) if gated else None
-        self.w_up = _param(rngs, shape, model_dim, param_dtype, names_in)
-        self.w_down = _param(rngs, (num_experts, hidden_dim, model_dim), hidden_dim, param_dtype, names_out)
+        self.w_gate = scaled_normal(rngs, shape, model_dim, param_dtype, names_in) if gated else None
+        self.w_up = scaled_normal(rngs, shape, model_dim, param_dtype, names_in)
+        self.w_down = scaled_normal(rngs, (num_experts, hidden_dim, model_dim), hidden_dim, param_dtype, names_out)
 
     def _expert_weights(self, dtype):
         cast = lambda p: None if p is None else p[...].astype(dtype)  # noqa: E731
@@ -91,18 +81,18 @@ class MoE(_Experts):
             positive capacity factor.
         """
         for name, value in (("model_dim", model_dim), ("hidden_dim", hidden_dim), ("num_experts", num_experts)):
-            _check_positive_int(name, value)
+            check_positive_int(name, value)
         if router not in ROUTERS:
             raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
-        if router != "expert_choice" and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts):
-            raise ValueError(f"k must be an integer in [1, {num_experts}] (num_experts), got {k!r}")
+        if router != "expert_choice":
+            moe.check_k(k, num_experts)
         if router == "expert_choice" and not capacity_factor > 0:
             raise ValueError(f"router='expert_choice' needs capacity_factor > 0, got {capacity_factor!r}")
         get_activation(activation)
         self.router_name, self.k, self.renormalize = router, k, renormalize
         self.capacity_factor, self.activation, self.router_jitter = capacity_factor, activation, router_jitter
         self.implementation = implementation
-        self.router = _param(rngs, (model_dim, num_experts), model_dim, param_dtype, ("embed", "experts"))
+        self.router = scaled_normal(rngs, (model_dim, num_experts), model_dim, param_dtype, ("embed", "experts"))
         self.router_bias = RouterBias(jnp.zeros(num_experts, jnp.float32)) if router == "sigmoid_bias" else None
         self._init_experts(model_dim, hidden_dim, num_experts, True, param_dtype, rngs)
         self.shared = (SparseGatedFFN(model_dim, hidden_dim * num_shared_experts, rule="none", activation=activation,
@@ -171,10 +161,10 @@ class BlockFFN(_Experts):
         the chunk length of the chunk-sparsification loss (64 in the paper)."""
         for name, value in (("model_dim", model_dim), ("hidden_dim", hidden_dim), ("num_experts", num_experts),
                             ("chunk", chunk)):
-            _check_positive_int(name, value)
+            check_positive_int(name, value)
         get_activation(activation)
         self.activation, self.chunk, self.implementation = activation, chunk, implementation
-        self.router = _param(rngs, (model_dim, num_experts), model_dim, param_dtype, ("embed", "experts"))
+        self.router = scaled_normal(rngs, (model_dim, num_experts), model_dim, param_dtype, ("embed", "experts"))
         self.router_gain = nnx.Param(jnp.ones(num_experts, param_dtype))
         self._init_experts(model_dim, hidden_dim, num_experts, gated, param_dtype, rngs)
 

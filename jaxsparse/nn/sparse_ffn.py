@@ -8,27 +8,16 @@ neuron n's weights, so a gather reads contiguous rows.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxsparse.nn.parameters import check_positive_int, scaled_normal
 from jaxsparse.ops.activations import calibrate_cats_threshold, cats, get_activation
 from jaxsparse.ops.sparse_ffn import sparse_ffn_decode
 from jaxsparse.ops.topk import resolve_k, statistical_topk, topk_mask
 
 GATE_RULES = ("none", "topk", "statistical_topk", "cats")
 SPARK_MODES = ("soft", "hard")
-
-
-def _neuron_major(rngs: nnx.Rngs, shape: tuple[int, int], fan_in: int, dtype, names) -> nnx.Param:
-    """A ``[F, width]`` weight, normal with std ``fan_in ** -0.5``, named for sharding rules."""
-    value = jax.random.normal(rngs.params(), shape, dtype) * fan_in**-0.5
-    return nnx.Param(value, out_sharding=names, eager_sharding=False)
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 class _SparseFFN(nnx.Module):
@@ -141,8 +130,8 @@ class SparseGatedFFN(_SparseFFN):
         Raises:
           ValueError: a non-positive size, an unknown rule or activation, a rule without its setting.
         """
-        _check_positive_int("model_dim", model_dim)
-        _check_positive_int("hidden_dim", hidden_dim)
+        check_positive_int("model_dim", model_dim)
+        check_positive_int("hidden_dim", hidden_dim)
         if rule not in GATE_RULES:
             raise ValueError(f"rule must be one of {GATE_RULES}, got {rule!r}")
         if rule in ("topk", "statistical_topk"):
@@ -158,9 +147,9 @@ class SparseGatedFFN(_SparseFFN):
         self.activation, self.rule, self.sparsity, self.threshold = activation, rule, sparsity, threshold
         self.dtype = dtype
         shape, names = (hidden_dim, model_dim), ("mlp", "embed")
-        self.w_gate = _neuron_major(rngs, shape, model_dim, param_dtype, names)
-        self.w_up = _neuron_major(rngs, shape, model_dim, param_dtype, names)
-        self.w_down = _neuron_major(rngs, shape, hidden_dim, param_dtype, names)
+        self.w_gate = scaled_normal(rngs, shape, model_dim, param_dtype, names)
+        self.w_up = scaled_normal(rngs, shape, model_dim, param_dtype, names)
+        self.w_down = scaled_normal(rngs, shape, hidden_dim, param_dtype, names)
 
     def _up(self, x):
         return self._project(x, self.w_up)
@@ -244,8 +233,8 @@ class SparkFFN(_SparseFFN):
           ValueError: a non-positive size, ``predictor_dim`` outside ``(0, M)``, ``sparsity``
             outside ``[0, 1)``, an unknown mode or activation.
         """
-        _check_positive_int("model_dim", model_dim)
-        _check_positive_int("hidden_dim", hidden_dim)
+        check_positive_int("model_dim", model_dim)
+        check_positive_int("hidden_dim", hidden_dim)
         predictor_dim = max(1, model_dim // 8) if predictor_dim is None else predictor_dim
         if isinstance(predictor_dim, bool) or not isinstance(predictor_dim, int) or not 0 < predictor_dim < model_dim:
             raise ValueError(f"predictor_dim (r) must be an int in (0, {model_dim}) (model_dim), got {predictor_dim!r}")
@@ -256,8 +245,8 @@ class SparkFFN(_SparseFFN):
         self.model_dim, self.hidden_dim, self.predictor_dim = model_dim, hidden_dim, predictor_dim
         self.sparsity, self.activation, self.mode, self.dtype = sparsity, activation, mode, dtype
         names = ("mlp", "embed")
-        self.w_in = _neuron_major(rngs, (hidden_dim, model_dim), model_dim, param_dtype, names)
-        self.w_out = _neuron_major(rngs, (hidden_dim, model_dim), hidden_dim, param_dtype, names)
+        self.w_in = scaled_normal(rngs, (hidden_dim, model_dim), model_dim, param_dtype, names)
+        self.w_out = scaled_normal(rngs, (hidden_dim, model_dim), hidden_dim, param_dtype, names)
 
     @property
     def w_down(self):
