@@ -170,10 +170,6 @@ def evicted_decode_attention(q, cache: EvictedKVCache, *, scale: float | None = 
     scale = dim**-0.5 if scale is None else scale
     grouped = q.reshape(batch, 1, kv_heads, heads // kv_heads, dim).transpose(0, 2, 3, 1, 4)  # [B, K, G, 1, D]
     visible = (cache.positions >= 0)[:, :, None, None, :]
-    out, lse = attend(grouped, cache.keys, cache.values, visible, scale=scale, softcap=softcap)
-    logits = scale * jnp.einsum("bkgtd,bksd->bkgts", grouped.astype(jnp.float32), cache.keys.astype(jnp.float32))
-    if softcap is not None:
-        logits = softcap * jnp.tanh(logits / softcap)
-    weights = jnp.where(visible, jnp.exp(logits - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]), 0.0)
-    attention = jnp.sum(weights, axis=(2, 3))
+    out, _, probabilities = attend(grouped, cache.keys, cache.values, visible, scale=scale, softcap=softcap)
+    attention = jnp.sum(probabilities, axis=(2, 3))
     return out.transpose(0, 3, 1, 2, 4).reshape(q.shape).astype(q.dtype), attention

@@ -38,7 +38,8 @@ def attend(q, keys, values, visible, *, scale, softcap, precision=None):
       precision: of the two einsums (the reference asks for HIGHEST).
 
     Returns:
-      ``(o [B, K, G, Tq, D] float32, lse [B, K, G, Tq] float32)``; rows that see nothing give 0 and -inf.
+      ``(o [B, K, G, Tq, D] float32, lse [B, K, G, Tq] float32, probabilities [B, K, G, Tq, S']
+      float32)``; rows that see nothing give 0, -inf and all-zero probabilities.
     """
     batch, kv_heads, groups, queries, dim = q.shape
     # (G, Tq) folded into one row axis: XLA:CPU runs "bkrd,bksd->bkrs" ~4x faster than the 5-D form.
@@ -52,10 +53,10 @@ def attend(q, keys, values, visible, *, scale, softcap, precision=None):
     lse = jax.nn.logsumexp(logits, axis=-1)
     weights = jnp.where(visible, jnp.exp(logits - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]), 0.0)
     out = jnp.einsum("bkrs,bksd->bkrd", weights, values.astype(jnp.float32), precision=precision)
-    return out.reshape(q.shape), lse.reshape(q.shape[:-1])
+    return out.reshape(q.shape), lse.reshape(q.shape[:-1]), weights.reshape(*q.shape[:-1], keys.shape[2])
 
 
 def reference_decode_attention(q, keys, values, lengths, selection, *, scale, softcap):
     """``q [B, K, G, Tq, D]`` over the whole cache ``[B, K, S, D]``; returns ``(o, lse)`` float32."""
     visible = visible_positions(selection, lengths, keys.shape[2], q.shape[3])[:, :, None]
-    return attend(q, keys, values, visible, scale=scale, softcap=softcap, precision=_HIGHEST)
+    return attend(q, keys, values, visible, scale=scale, softcap=softcap, precision=_HIGHEST)[:2]

@@ -17,7 +17,7 @@ def xla_decode_attention(q, keys, values, lengths, selection, *, scale, softcap)
     queries = q.shape[3]
     if selection is None:
         visible = visible_positions(None, lengths, keys.shape[2], queries)[:, :, None]
-        return attend(q, keys, values, visible, scale=scale, softcap=softcap)
+        return attend(q, keys, values, visible, scale=scale, softcap=softcap)[:2]
     if isinstance(selection, BlockSelection):
         positions, listed = selection.positions()
     else:
@@ -28,4 +28,4 @@ def xla_decode_attention(q, keys, values, lengths, selection, *, scale, softcap)
     causal = positions[:, :, None, :] <= query_position[:, None, :, None]  # [B, K, Tq, n]
     inside = positions < lengths[:, None, None]
     visible = (listed & inside)[:, :, None, :] & causal
-    return attend(q, gather(keys), gather(values), visible[:, :, None], scale=scale, softcap=softcap)
+    return attend(q, gather(keys), gather(values), visible[:, :, None], scale=scale, softcap=softcap)[:2]
