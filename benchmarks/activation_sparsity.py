@@ -13,14 +13,13 @@ r = M / 8 = 288, 8% of F' active.
 from __future__ import annotations
 
 import argparse
-import datetime
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.report import cpu_heading, gpu_heading, has_section, markdown_table, write_section
+from benchmarks.report import cpu_heading, gpu_heading, markdown_table, write_gpu_placeholder, write_section
 from jaxsparse import ActiveNeurons, sparse_ffn, statistical_topk, topk_mask
 from jaxsparse.nn import SparkFFN
 from jaxsparse.testing import median_time
@@ -160,12 +159,6 @@ def gpu_markdown(rows) -> str:
     return "\n".join(lines)
 
 
-GPU_NOT_MEASURED = (
-    "### GPU\n\nNot measured yet: no GPU was lent to the session that wrote this file "
-    f"({datetime.date.today()}). On an H100 run `python -m benchmarks.activation_sparsity --gpu`."
-)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke run); does not write BENCHMARKS.md")
@@ -184,8 +177,8 @@ def main(argv=None):
     chunks = chunk_rows([8] if args.quick else [8, 32], [0.1, 0.4] if args.quick else [0.05, 0.1, 0.2, 0.4], repeats)
     if not args.quick:
         write_section("activation-cpu", cpu_markdown(topk, topk_shape, decode, chunks), title=TITLE)
-        if not has_section("activation-gpu"):
-            write_section("activation-gpu", GPU_NOT_MEASURED, title=TITLE)
+        write_gpu_placeholder("activation-gpu", title=TITLE,
+                              how="On an H100 run `python -m benchmarks.activation_sparsity --gpu`.")
         print("wrote BENCHMARKS.md")
 
 

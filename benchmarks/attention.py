@@ -12,7 +12,6 @@ only from a GPU.
 from __future__ import annotations
 
 import argparse
-import datetime
 import time
 
 import jax
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsparse import BlockSizes, attention, make_block_mask, masks
-from benchmarks.report import BENCHMARKS_MD, cpu_heading, gpu_heading, has_section, write_section
+from benchmarks.report import BENCHMARKS_MD, cpu_heading, gpu_heading, write_gpu_placeholder, write_section
 from jaxsparse.testing import median_time
 
 TITLE = "Attention (`python -m benchmarks.attention`)"
@@ -190,13 +189,6 @@ def gpu_markdown(rows, heads, head_dim) -> str:
     return "\n".join(lines)
 
 
-GPU_NOT_MEASURED = (
-    "### GPU\n\nNot measured yet: no GPU was lent to the session that wrote this file "
-    f"({datetime.date.today()}). On an H100 run `python -m benchmarks.attention --gpu` (pallas_gpu vs "
-    "cuDNN, bf16, D = 128, T = S in {8192, 32768}, causal and 90% block sparsity)."
-)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke run); does not write BENCHMARKS.md")
@@ -216,8 +208,9 @@ def main(argv=None):
     meta = metadata_rows(meta_length, block)
     if not args.quick:
         write_section("attention-cpu", cpu_markdown(rows, meta, args.head_dim, block), title=TITLE)
-        if not has_section("attention-gpu"):
-            write_section("attention-gpu", GPU_NOT_MEASURED, title=TITLE)
+        write_gpu_placeholder("attention-gpu", title=TITLE,
+                              how="On an H100 run `python -m benchmarks.attention --gpu` (pallas_gpu vs cuDNN, bf16, "
+                                  "D = 128, T = S in {8192, 32768}, causal and 90% block sparsity).")
         print(f"wrote {BENCHMARKS_MD}")
 
 

@@ -11,12 +11,11 @@ and attending to them, with the selection's cost included. Ratios measured side 
 from __future__ import annotations
 
 import argparse
-import datetime
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.report import cpu_heading, has_section, markdown_table, write_section
+from benchmarks.report import cpu_heading, markdown_table, write_gpu_placeholder, write_section
 from jaxsparse.kv import EvictedKVCache, KVCache
 from jaxsparse.kv.selection import attention_mass_recall, top_k_keys
 from jaxsparse.ops.decode_attention import decode_attention
@@ -88,9 +87,7 @@ def main(argv=None):
     rows = decode_rows([1] if args.quick else [1, 8], capacity, 1 if args.quick else 5)
     if not args.quick:
         write_section("kv-cpu", cpu_markdown(rows, capacity, memory_rows(capacity)), title=TITLE)
-        if not has_section("kv-gpu"):
-            write_section("kv-gpu", "### GPU\n\nNot measured yet: no GPU was lent to the session that wrote this file "
-                          f"({datetime.date.today()}).", title=TITLE)
+        write_gpu_placeholder("kv-gpu", title=TITLE, how="A GPU run of this benchmark is not written yet.")
         print("wrote BENCHMARKS.md")
 
 

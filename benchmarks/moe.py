@@ -11,14 +11,13 @@ are random (a Dirichlet split of N rows over E groups, so some groups are small 
 from __future__ import annotations
 
 import argparse
-import datetime
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.report import cpu_heading, gpu_heading, has_section, markdown_table, write_section
+from benchmarks.report import cpu_heading, gpu_heading, markdown_table, write_gpu_placeholder, write_section
 from jaxsparse.nn import BlockFFN, MoE
 from jaxsparse.ops.grouped_matmul import grouped_matmul
 from jaxsparse.testing import median_time
@@ -117,12 +116,6 @@ def gpu_markdown(rows, num_rows, width) -> str:
     return "\n".join(lines)
 
 
-GPU_NOT_MEASURED = (
-    "### GPU\n\nNot measured yet: no GPU was lent to the session that wrote this file "
-    f"({datetime.date.today()}). On an H100 run `python -m benchmarks.moe --gpu`."
-)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke run); does not write BENCHMARKS.md")
@@ -141,8 +134,7 @@ def main(argv=None):
     layers = layer_rows(batch, length, 256 if args.quick else 512, repeats)
     if not args.quick:
         write_section("moe-cpu", cpu_markdown(gmm, layers, num_rows, width, batch, length), title=TITLE)
-        if not has_section("moe-gpu"):
-            write_section("moe-gpu", GPU_NOT_MEASURED, title=TITLE)
+        write_gpu_placeholder("moe-gpu", title=TITLE, how="On an H100 run `python -m benchmarks.moe --gpu`.")
         print("wrote BENCHMARKS.md")
 
 

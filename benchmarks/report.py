@@ -49,3 +49,13 @@ def write_section(name: str, body: str, *, title: str) -> None:
         heading = f"## {title}"
         text = text.rstrip() + ("\n\n" if heading in text else f"\n\n{heading}\n\n") + block + "\n"
     BENCHMARKS_MD.write_text(text)
+
+
+def write_gpu_placeholder(name: str, *, title: str, how: str) -> None:
+    """Writes the ``name`` section as "not measured" (saying ``how`` to measure it) unless it exists,
+    so a CPU run never overwrites GPU results."""
+    if has_section(name):
+        return
+    body = (f"### GPU\n\nNot measured yet: no GPU was lent to the session that wrote this file "
+            f"({datetime.date.today()}). {how}")
+    write_section(name, body, title=title)
