@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxsparse.kv.cache import KVCache
+from jaxsparse.ops.decode_attention.reference import visible_positions
 from jaxsparse.ops.decode_attention.selection import BlockSelection, PositionSelection
 
 
@@ -248,8 +249,6 @@ def attention_mass_recall(q, cache: KVCache, selection) -> jax.Array:
 
     1.0 means the selection holds every key that matters; decode attention over it then equals dense.
     """
-    from jaxsparse.ops.decode_attention.reference import visible_positions
-
     grouped = _check_query(q, cache).astype(jnp.float32)
     queries = grouped.shape[3]
     dense = visible_positions(None, cache.lengths, cache.capacity, queries)[:, :, None]
