@@ -36,7 +36,7 @@ def decode_rows(batches, capacity, repeats):
         cache_keys = jax.random.normal(keys[0], shape)
         # The cache keeps a contiguous copy of the first SCORE_DIMS key dims for low-rank scoring.
         cache = KVCache(keys=cache_keys, values=jax.random.normal(keys[1], shape),
-                        lengths=jnp.full(batch, capacity, jnp.int32), score_keys=cache_keys[..., :SCORE_DIMS])
+                        lengths=jnp.full(batch, capacity, jnp.int32), score_keys=jnp.swapaxes(cache_keys[..., :SCORE_DIMS], 2, 3))
         q = jax.random.normal(keys[2], (batch, 1, HEADS, HEAD_DIM))
         dense = median_time(jax.jit(lambda q, c: decode_attention(q, c)), q, cache, repeats=repeats)
         for rank, method in ((HEAD_DIM, "exact"), (SCORE_DIMS, "exact"), (SCORE_DIMS, "statistical")):

@@ -1,6 +1,7 @@
 """KV caches for decoding, and the selection and eviction policies that read or keep part of them."""
 
 from jaxsparse.kv.cache import KVCache
+from jaxsparse.kv.paged_cache import PagedKVCache
 from jaxsparse.kv.eviction import (
     EvictedKVCache,
     evicted_decode_attention,
@@ -9,5 +10,5 @@ from jaxsparse.kv.eviction import (
     streaming_llm_append,
 )
 
-__all__ = ["EvictedKVCache", "KVCache", "evicted_decode_attention", "heavy_hitter_append", "snapkv_prefill",
+__all__ = ["EvictedKVCache", "KVCache", "PagedKVCache", "evicted_decode_attention", "heavy_hitter_append", "snapkv_prefill",
            "streaming_llm_append"]

@@ -22,9 +22,11 @@ class KVCache:
     Attributes:
       keys, values: ``[B, K, S_cap, D]``; positions ``>= lengths[b]`` hold stale or zero data.
       lengths: int32 ``[B]``, the valid positions of each sequence.
-      score_keys: optional ``[B, K, S_cap, r]``, a contiguous copy of the first r key dims, kept in
+      score_keys: optional ``[B, K, r, S_cap]``, a copy of the first r key dims, dim-major, kept in
         step with ``keys``, for low-rank key scoring (Spark attention): scoring then reads r / D of
-        the key bytes instead of every cache line of the keys. None when not kept.
+        the key bytes instead of every cache line of the keys, as one ``[1, r] @ [r, S]`` product
+        per kv head (on XLA:CPU about 2x faster than the position-major ``[S, r]`` layout). None
+        when not kept.
     """
 
     keys: jax.Array
@@ -47,13 +49,13 @@ class KVCache:
                                        or not 1 <= score_dims <= head_dim):
             raise ValueError(f"score_dims must be None or an int in [1, {head_dim}] (head_dim), got {score_dims!r}")
         shape = (batch, kv_heads, capacity, head_dim)
-        score_keys = None if score_dims is None else jnp.zeros((batch, kv_heads, capacity, score_dims), dtype)
+        score_keys = None if score_dims is None else jnp.zeros((batch, kv_heads, score_dims, capacity), dtype)
         return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype), lengths=jnp.zeros(batch, jnp.int32),
                    score_keys=score_keys)
 
     @property
     def score_dims(self) -> int | None:
-        return None if self.score_keys is None else self.score_keys.shape[-1]
+        return None if self.score_keys is None else self.score_keys.shape[2]
 
     @property
     def capacity(self) -> int:
@@ -99,8 +101,11 @@ class KVCache:
         keys_out = jax.vmap(write)(self.keys, keys, self.lengths)
         values_out = jax.vmap(write)(self.values, values, self.lengths)
         score_keys = None
-        if self.score_keys is not None:
-            score_keys = jax.vmap(write)(self.score_keys, keys[..., : self.score_dims], self.lengths)
+        if self.score_keys is not None:  # [r, S] per head: written along the last axis
+            def write_dims(store, new, start):  # store [K, r, S], new [T, K, r]
+                return jax.lax.dynamic_update_slice_in_dim(store, new.transpose(1, 2, 0).astype(store.dtype), start, 2)
+
+            score_keys = jax.vmap(write_dims)(self.score_keys, keys[..., : self.score_dims], self.lengths)
         return KVCache(keys=keys_out, values=values_out, lengths=self.lengths + keys.shape[1], score_keys=score_keys)
 
     def prefill(self, keys, values, lengths=None) -> "KVCache":
@@ -111,9 +116,17 @@ class KVCache:
         length = keys.shape[1]
         lengths = jnp.full(self.batch, length, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
         store = lambda old, new: old.at[:, :, :length].set(jnp.swapaxes(new, 1, 2).astype(old.dtype))  # noqa: E731
-        score_keys = None if self.score_keys is None else store(self.score_keys, keys[..., : self.score_dims])
+        score_keys = None
+        if self.score_keys is not None:
+            new_dims = keys[..., : self.score_dims].transpose(0, 2, 3, 1).astype(self.score_keys.dtype)  # [B, K, r, T]
+            score_keys = self.score_keys.at[:, :, :, :length].set(new_dims)
         return KVCache(keys=store(self.keys, keys), values=store(self.values, values), lengths=lengths,
                        score_keys=score_keys)
+
+    def gather(self, positions):
+        """Keys and values at ``positions [B, K, n]`` (in ``[0, capacity)``): ``([B, K, n, D], [B, K, n, D])``."""
+        take = lambda store: jnp.take_along_axis(store, positions[..., None], axis=2)  # noqa: E731
+        return take(self.keys), take(self.values)
 
     def overflowed(self) -> jax.Array:
         """bool ``[B]``: sequences whose length went past the capacity."""

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxsparse.kv.cache import KVCache
+from jaxsparse.kv.paged_cache import PagedKVCache
 from jaxsparse.ops.decode_attention.reference import visible_positions
 from jaxsparse.ops.decode_attention.selection import BlockSelection, PositionSelection
 
@@ -35,18 +36,63 @@ def _check_budget(name: str, value: int, limit: int, what: str) -> None:
         raise ValueError(f"{name} must be an integer in [1, {limit}] ({what}), got {value!r}")
 
 
-def _top_positions(scores, valid, k: int) -> PositionSelection:
-    """The k best valid positions of ``scores [B, K, S]`` (ascending), counts = min(k, valid)."""
+def _top_positions(scores, valid, k: int, *, ascending: bool = False) -> PositionSelection:
+    """The k best valid positions of ``scores [B, K, S]``, counts = min(k, valid).
+
+    ``lax.top_k`` returns them by falling score, so the valid ones (finite scores) come first and
+    the padding (masked to -inf) after them, as selections need. ``ascending`` also sorts the listed
+    positions (block lists for the kernels); token positions stay in score order, saving a sort.
+    """
     _, positions = lax.top_k(jnp.where(valid, scores, -jnp.inf), k)
     counts = jnp.minimum(jnp.sum(valid, axis=-1), k).astype(jnp.int32)
-    # Listed (finite-score) positions first and ascending, then padding: sort by (invalid, position).
-    picked_valid = jnp.take_along_axis(valid, positions, axis=-1)
-    key = jnp.where(picked_valid, positions, positions + scores.shape[-1])
-    return PositionSelection(positions=(jnp.sort(key, axis=-1) % scores.shape[-1]).astype(jnp.int32), counts=counts)
+    if ascending:  # sort by (padding, position): listed positions first and ascending
+        listed = jnp.arange(k) < counts[..., None]
+        key = jnp.where(listed, positions, positions + scores.shape[-1])
+        positions = jnp.sort(key, axis=-1) % scores.shape[-1]
+    return PositionSelection(positions=positions.astype(jnp.int32), counts=counts)
 
 
 def _causal_valid(cache: KVCache, kv_heads: int):
     return jnp.broadcast_to(cache.valid()[:, None, :], (cache.batch, kv_heads, cache.capacity))
+
+
+def window_selection(q, cache: KVCache, *, window: int, sinks: int = 0) -> PositionSelection:
+    """The positions a causal sliding window with attention sinks lets the new queries see.
+
+    Decoding with it equals attention under ``masks.causal() & (masks.sinks(sinks) |
+    masks.sliding_window(window))``: query ``t`` at position ``p = lengths[b] - Tq + t`` sees ``p -
+    window <= j <= p`` and ``j < sinks``. The selection is shared by the ``Tq`` queries, so for
+    ``Tq > 1`` the earlier queries also see up to ``Tq - 1`` older keys (exact for ``Tq == 1``, the
+    decode step). Reads ``sinks + window + Tq`` positions whatever the cache length: this is how a
+    sliding-window layer decodes at constant cost without evicting anything.
+
+    Args:
+      q: ``[B, Tq, H, D]`` (only its shape is used).
+      cache: the layer's cache, with the new tokens appended.
+      window: keys before the query, ``>= 0`` (as ``masks.sliding_window``).
+      sinks: leading positions every query sees, ``>= 0``.
+
+    Returns:
+      A :class:`PositionSelection` ``[B, K, sinks + window + Tq]``, the same for every kv head.
+
+    Raises:
+      ValueError: a negative ``window`` or ``sinks``, or a q that does not match the cache.
+    """
+    queries = _check_query(q, cache).shape[3]
+    for name, value in (("window", window), ("sinks", sinks)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    size = sinks + window + queries
+    lengths = cache.lengths[:, None]  # [B, 1]
+    sink_count = jnp.minimum(sinks, lengths)
+    start = jnp.maximum(lengths - queries - window, sink_count)  # first window position
+    slots = jnp.arange(size)
+    positions = jnp.where(slots < sink_count, slots, start + slots - sink_count)
+    counts = (sink_count + jnp.maximum(lengths - start, 0))[:, 0]
+    positions = jnp.where(slots < counts[:, None], positions, 0).astype(jnp.int32)
+    shape = (cache.batch, cache.kv_heads, size)
+    return PositionSelection(positions=jnp.broadcast_to(positions[:, None], shape),
+                             counts=jnp.broadcast_to(counts[:, None], shape[:2]).astype(jnp.int32))
 
 
 def top_k_keys(q, cache: KVCache, k: int, *, rank: int | None = None, method: str = "exact") -> PositionSelection:
@@ -74,8 +120,10 @@ def top_k_keys(q, cache: KVCache, k: int, *, rank: int | None = None, method: st
     rank = cache.head_dim if rank is None else rank
     _check_budget("rank", rank, cache.head_dim, "the head dim D")
     query = jnp.sum(grouped[..., :rank].astype(jnp.float32), axis=(2, 3))  # [B, K, r]: scores are linear in q
-    low_rank = cache.score_keys if cache.score_dims == rank else cache.keys[..., :rank]
-    scores = jnp.einsum("bkr,bksr->bks", query, low_rank.astype(jnp.float32))
+    if cache.score_dims == rank:
+        scores = (query[:, :, None, :] @ cache.score_keys.astype(jnp.float32))[:, :, 0]  # [B, K, S]
+    else:
+        scores = jnp.einsum("bkr,bksr->bks", query, cache.keys[..., :rank].astype(jnp.float32))
     valid = _causal_valid(cache, cache.kv_heads)
     if method == "exact":
         return _top_positions(scores, valid, k)
@@ -181,12 +229,21 @@ class PageSummary:
     page_size: int = dataclasses.field(metadata=dict(static=True))
 
 
-def page_summary(cache: KVCache, page_size: int) -> PageSummary:
+def page_summary(cache: KVCache | PagedKVCache, page_size: int | None = None) -> PageSummary:
     """Computes every page's key bounds (once after prefill; then :func:`update_page_summary`).
 
+    Args:
+      cache: a contiguous cache (pages are consecutive runs of ``page_size`` positions) or a
+        :class:`PagedKVCache` (its own logical pages; ``page_size`` must be None or equal to its
+        page size, so that the chosen pages are the ones the kernels read).
+
     Raises:
-      ValueError: ``page_size`` not dividing the capacity.
+      ValueError: ``page_size`` not dividing the capacity, or not the paged cache's page size.
     """
+    if isinstance(cache, PagedKVCache):
+        if page_size not in (None, cache.page_size):
+            raise ValueError(f"page_size must be None or the paged cache's page size {cache.page_size}, got {page_size!r}")
+        page_size, cache = cache.page_size, cache.to_contiguous()
     if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1 or cache.capacity % page_size:
         raise ValueError(f"page_size must be a positive int dividing the capacity {cache.capacity}, got {page_size!r}")
     batch, kv_heads, capacity, dim = cache.keys.shape
@@ -196,11 +253,12 @@ def page_summary(cache: KVCache, page_size: int) -> PageSummary:
                        maximum=jnp.max(jnp.where(valid, pages, -jnp.inf), axis=3), page_size=page_size)
 
 
-def update_page_summary(summary: PageSummary, cache: KVCache, new_tokens: int) -> PageSummary:
+def update_page_summary(summary: PageSummary, cache: KVCache | PagedKVCache, new_tokens: int) -> PageSummary:
     """Folds the last ``new_tokens`` appended positions into the bounds, reading only those keys."""
     start = cache.lengths - new_tokens  # [B]
-    new_keys = jax.vmap(lambda keys, s: lax.dynamic_slice_in_dim(keys, s, new_tokens, axis=1))(cache.keys, start)
-    pages = (start[:, None] + jnp.arange(new_tokens)) // summary.page_size  # [B, T]
+    positions = jnp.clip(start[:, None] + jnp.arange(new_tokens), 0, cache.capacity - 1)  # [B, T]
+    new_keys, _ = cache.gather(jnp.broadcast_to(positions[:, None], (cache.batch, cache.kv_heads, new_tokens)))
+    pages = positions // summary.page_size
     rows = jnp.arange(cache.batch)[:, None, None]
     heads = jnp.arange(cache.kv_heads)[None, :, None]
     keys = new_keys.astype(jnp.float32)  # [B, K, T, D]
@@ -208,7 +266,7 @@ def update_page_summary(summary: PageSummary, cache: KVCache, new_tokens: int) -
                        maximum=summary.maximum.at[rows, heads, pages[:, None, :]].max(keys), page_size=summary.page_size)
 
 
-def quest_pages(q, summary: PageSummary, cache: KVCache, num_pages: int) -> BlockSelection:
+def quest_pages(q, summary: PageSummary, cache: KVCache | PagedKVCache, num_pages: int) -> BlockSelection:
     """Quest (Tang et al. 2024): page upper bounds ``sum_d max(q_d min_d, q_d max_d)``, top pages.
 
     Each query head's bound is computed and the bounds of a kv group's heads (and queries) are
@@ -222,7 +280,7 @@ def quest_pages(q, summary: PageSummary, cache: KVCache, num_pages: int) -> Bloc
     bound = jnp.sum(jnp.maximum(lower, upper), axis=-1)
     score = jnp.sum(jnp.where(jnp.isfinite(bound), bound, 0.0), axis=(2, 3))  # [B, K, P]
     occupied = jnp.arange(total_pages) * summary.page_size < cache.lengths[:, None]
-    chosen = _top_positions(score, jnp.broadcast_to(occupied[:, None], score.shape), num_pages)
+    chosen = _top_positions(score, jnp.broadcast_to(occupied[:, None], score.shape), num_pages, ascending=True)
     return BlockSelection(indices=chosen.positions, counts=chosen.counts, block_size=summary.page_size)
 
 

@@ -44,6 +44,6 @@ def test_score_keys_follow_the_keys():
     cache = KVCache.create(2, 16, 3, 8, score_dims=4)
     keys, values = random_normal(jax.random.key(4), (2, 5, 3, 8)), random_normal(jax.random.key(5), (2, 5, 3, 8))
     cache = cache.prefill(keys, values, lengths=jnp.asarray([5, 2])).append(keys[:, :2], values[:, :2])
-    np.testing.assert_array_equal(np.asarray(cache.score_keys), np.asarray(cache.keys)[..., :4])
+    np.testing.assert_array_equal(np.asarray(cache.score_keys), np.swapaxes(np.asarray(cache.keys)[..., :4], 2, 3))
     with pytest.raises(ValueError, match="score_dims must be"):
         KVCache.create(1, 4, 1, 8, score_dims=9)

@@ -9,6 +9,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from jaxsparse import masks
 from jaxsparse.kv import KVCache
 from jaxsparse.kv.selection import (
     TokenSelectState,
@@ -19,6 +20,7 @@ from jaxsparse.kv.selection import (
     token_select,
     top_k_keys,
     update_page_summary,
+    window_selection,
 )
 from jaxsparse.ops.decode_attention import decode_attention
 from jaxsparse.testing import assert_allclose, random_normal
@@ -181,3 +183,47 @@ def test_low_rank_scoring_from_score_keys_equals_slicing_the_keys():
         jnp.swapaxes(cache.keys, 1, 2), jnp.swapaxes(cache.values, 1, 2), lengths=cache.lengths)
     a, b = top_k_keys(q, cache, k=8, rank=4), top_k_keys(q, sketched, k=8, rank=4)
     np.testing.assert_array_equal(np.asarray(a.positions), np.asarray(b.positions))
+
+
+@pytest.mark.parametrize("window, sinks", [(0, 0), (5, 0), (7, 3), (100, 2), (10, 60)])
+@pytest.mark.parametrize("queries", [1, 3])
+def test_window_selection_is_the_mask(window, sinks, queries):
+    cache, q = _setup(queries=queries)
+    selection = window_selection(q, cache, window=window, sinks=sinks)
+    assert selection.positions.shape == (B, K, sinks + window + queries)
+    mask = masks.causal() & (masks.sinks(sinks) | masks.sliding_window(window))
+    for b, length in enumerate(LENGTHS):
+        counts = np.asarray(selection.counts[b])
+        listed = np.asarray(selection.positions[b])
+        for kv in range(K):
+            chosen = listed[kv, : counts[kv]]
+            assert np.all(np.diff(chosen) > 0), "listed positions are distinct and ascending"
+            # The union over the Tq queries of what the mask lets each of them see.
+            expected = set()
+            for t in range(queries):
+                position = length - queries + t
+                expected |= {j for j in range(length) if bool(mask(0, 0, position, j))}
+            assert set(chosen.tolist()) == expected
+
+
+def test_window_selection_decode_equals_masked_reference():
+    cache, q = _setup(seed=3)
+    out = decode_attention(q, cache, selection=window_selection(q, cache, window=9, sinks=2))
+    positions = jnp.arange(S)
+    visible = (positions < 2) | (positions >= cache.lengths[:, None] - 10)
+    grouped = _np_grouped(q)[:, 0]  # [B, K, G, D]
+    keys, values = np.asarray(cache.keys, np.float64), np.asarray(cache.values, np.float64)
+    logits = np.einsum("bkgd,bksd->bkgs", grouped, keys) * D**-0.5
+    ok = np.asarray(visible & cache.valid())[:, None, None]
+    logits = np.where(ok, logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    expected = np.einsum("bkgs,bksd->bkgd", weights / weights.sum(-1, keepdims=True), values)
+    assert_allclose(out[:, 0], expected.reshape(B, K * G, D), dtype=jnp.float32)
+
+
+def test_window_selection_rejects_negative_sizes():
+    cache, q = _setup()
+    with pytest.raises(ValueError, match="window"):
+        window_selection(q, cache, window=-1)
+    with pytest.raises(ValueError, match="sinks"):
+        window_selection(q, cache, window=4, sinks=-2)

@@ -8,7 +8,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from jaxsparse.kv import KVCache
+from jaxsparse.kv import KVCache, PagedKVCache
 from jaxsparse.ops.decode_attention import BlockSelection, PositionSelection, decode_attention
 from jaxsparse.testing import assert_allclose, random_normal
 
@@ -40,6 +40,25 @@ def test_reference_equals_jax_attention_with_length_and_causal_masks():
     assert_allclose(out, jax.nn.dot_product_attention(q, keys, values, mask=mask))
 
 
+def _paged_copy(cache: KVCache, page_size: int, seed: int) -> PagedKVCache:
+    """The same sequences in a pool whose pages are shuffled (and two spare pages of noise)."""
+    batch, kv_heads, capacity, dim = cache.keys.shape
+    pages_per_sequence = capacity // page_size
+    num_pages = batch * pages_per_sequence + 2
+    rng = np.random.default_rng(seed)
+    page_table = rng.permutation(num_pages)[: batch * pages_per_sequence].reshape(batch, pages_per_sequence)
+    pool = []
+    for store in (cache.keys, cache.values):
+        noise = np.array(random_normal(jax.random.key(seed), (kv_heads, num_pages, page_size, dim), store.dtype))
+        pages = np.asarray(store).reshape(batch, kv_heads, pages_per_sequence, page_size, dim)
+        noise[:, page_table] = pages.transpose(1, 0, 2, 3, 4)
+        pool.append(jnp.asarray(noise))
+    used = set(page_table.ravel().tolist())
+    free = np.asarray([p for p in range(num_pages) if p not in used], np.int32)
+    return PagedKVCache(keys=pool[0], values=pool[1], page_table=jnp.asarray(page_table, jnp.int32), lengths=cache.lengths,
+                        free_pages=jnp.asarray(np.pad(free, (0, num_pages - free.size))), free_count=jnp.asarray(free.size, jnp.int32))
+
+
 class DecodeAttentionContract:
     implementation = "xla"
     head_dim, capacity, block = 32, 256, 64
@@ -68,6 +87,19 @@ class DecodeAttentionContract:
         q = random_normal(jax.random.key(6), (2, 1, 4, self.head_dim))
         out = self._compare(q, cache, selection, softcap)
         assert np.all(np.asarray(out)[0, :, :2] == 0)  # kv head 0 of sequence 0 reads nothing
+
+    @pytest.mark.parametrize("queries", [1, 3])
+    def test_paged_cache_equals_contiguous(self, queries):
+        cache = _cache(14, 2, self.capacity, 2, self.head_dim, [self.capacity - 9, 150])
+        paged = _paged_copy(cache, self.block, 15)
+        selection = _random_blocks(16, 2, 2, self.capacity // self.block, 3, self.block)
+        q = random_normal(jax.random.key(17), (2, queries, 4, self.head_dim))
+        for chosen in (None, selection):
+            run = jax.jit(lambda q, paged, cache, chosen=chosen: (
+                decode_attention(q, paged, selection=chosen, implementation=self.implementation),
+                decode_attention(q, cache, selection=chosen, implementation="reference")))
+            out, expected = run(q, paged, cache)
+            assert_allclose(out, expected)
 
     def test_bfloat16(self):
         cache = _cache(7, 1, self.capacity, 1, self.head_dim, [self.capacity - 3], jnp.bfloat16)

@@ -7,6 +7,7 @@ import importlib
 import jax.numpy as jnp
 
 from jaxsparse.kv.cache import KVCache
+from jaxsparse.kv.paged_cache import PagedKVCache
 from jaxsparse.ops.decode_attention.reference import reference_decode_attention
 from jaxsparse.ops.decode_attention.selection import BlockSelection, PositionSelection
 from jaxsparse.ops.decode_attention.xla import xla_decode_attention
@@ -18,7 +19,9 @@ _KERNELS = {
 IMPLEMENTATIONS = ("reference", "xla") + tuple(_KERNELS)
 
 
-def _check(q, cache: KVCache, selection) -> None:
+def _check(q, cache: KVCache | PagedKVCache, selection) -> None:
+    if not isinstance(cache, (KVCache, PagedKVCache)):
+        raise TypeError(f"cache must be a KVCache or a PagedKVCache, got {type(cache).__name__}")
     if q.ndim != 4:
         raise ValueError(f"q must be [B, Tq, H, D], got shape {q.shape}")
     batch, _, heads, head_dim = q.shape
@@ -34,7 +37,7 @@ def _check(q, cache: KVCache, selection) -> None:
             raise ValueError(f"the selection must be [B, K, n] = [{batch}, {cache.kv_heads}, n], got {listed.shape}")
 
 
-def decode_attention(q, cache: KVCache, *, selection: BlockSelection | PositionSelection | None = None,
+def decode_attention(q, cache: KVCache | PagedKVCache, *, selection: BlockSelection | PositionSelection | None = None,
                      scale: float | None = None, softcap: float | None = None, return_lse: bool = False,
                      implementation: str | None = None):
     """Attention of ``Tq`` new queries (usually 1) over a KV cache, or over a selected part of it.
@@ -46,7 +49,9 @@ def decode_attention(q, cache: KVCache, *, selection: BlockSelection | PositionS
 
     Args:
       q: ``[B, Tq, H, D]``.
-      cache: a :class:`~jaxsparse.kv.KVCache` with ``K`` kv heads.
+      cache: a :class:`~jaxsparse.kv.KVCache` or :class:`~jaxsparse.kv.PagedKVCache` with ``K`` kv
+        heads. Selections name logical positions (or logical pages); a paged cache translates them
+        through its page table, and its block selections must use ``block_size == page_size``.
       selection: None (the whole cache), a :class:`BlockSelection` (pages, e.g. Quest) or a
         :class:`PositionSelection` (tokens, e.g. top-k keys, TokenSelect, H2O).
       scale: default ``D ** -0.5``. softcap: optional tanh soft-cap on the logits.
@@ -70,11 +75,11 @@ def decode_attention(q, cache: KVCache, *, selection: BlockSelection | PositionS
     grouped = q.reshape(batch, queries, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)  # [B, K, G, Tq, D]
     name = "xla" if implementation is None else implementation
     if name == "reference":
-        out, lse = reference_decode_attention(grouped, cache.keys, cache.values, cache.lengths, selection,
-                                              scale=scale, softcap=softcap)
+        contiguous = cache.to_contiguous() if isinstance(cache, PagedKVCache) else cache
+        out, lse = reference_decode_attention(grouped, contiguous.keys, contiguous.values, contiguous.lengths,
+                                              selection, scale=scale, softcap=softcap)
     elif name == "xla":
-        out, lse = xla_decode_attention(grouped, cache.keys, cache.values, cache.lengths, selection,
-                                        scale=scale, softcap=softcap)
+        out, lse = xla_decode_attention(grouped, cache, selection, scale=scale, softcap=softcap)
     elif name in _KERNELS:
         module = importlib.import_module(_KERNELS[name])
         out, lse = module.run(grouped, cache, selection, scale=scale, softcap=softcap)
