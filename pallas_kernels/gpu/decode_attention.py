@@ -26,6 +26,13 @@ o = 0 and lse = -inf, so no output block is left unwritten. The wrapper merges t
 log-sum-exp (weights exp(lse_s - max), with max -> 0 when every split is empty, so an empty
 merge gives o = 0, lse = -inf and no NaN) and casts o to q.dtype.
 
+Paged caches (``page_table`` int32 [B, max_pages]): k and v are then one page pool
+[1, K, P * block_kv, D] shared by all sequences (the BlockSpec's batch index is always 0), pages
+are blocks, and block_indices hold logical block ids. A step reads the scalar
+page_table[b, block] (clipped into [0, P)) and slices ``pl.ds(page * block_kv, block_kv)`` from
+the pool; the mask keeps using the logical start block * block_kv. Only the page-table entries of
+listed blocks are read.
+
 Only listed entries below block_counts are read, so padding entries may point at anything valid
 (blocks full of NaN included). Cache positions at or past lengths[b] inside a listed block may
 hold stale data, NaN included: K there is hidden by the ``where`` on s, and V rows there are
@@ -83,14 +90,19 @@ def check_support(head_dim: int, block_kv: int, dtype) -> None:
 
 
 def _decode_kernel(
-    q_ref, k_ref, v_ref, indices_ref, counts_ref, lengths_ref, o_ref, lse_ref, *,
-    scale, softcap, rows, queries_per_head, block_kv, entries_per_split,
+    q_ref, k_ref, v_ref, indices_ref, counts_ref, lengths_ref, *refs,
+    scale, softcap, rows, queries_per_head, block_kv, entries_per_split, num_pages,
 ):
     """One (batch, kv head, split): online softmax over the split's share of the block list.
 
-    Refs: q [Rp, D]; k, v [S, D]; indices [nb]; counts []; lengths []; outputs o [Rp, D] and
-    lse [Rp], float32.
+    Refs: q [Rp, D]; k, v [S, D] (the page pool [P * block_kv, D] when paged); indices [nb];
+    counts []; lengths []; then, when paged (num_pages = P is not None), the sequence's page
+    table row [max_pages]; outputs o [Rp, D] and lse [Rp], float32.
     """
+    if num_pages is None:
+        pages_ref, (o_ref, lse_ref) = None, refs
+    else:
+        pages_ref, o_ref, lse_ref = refs
     padded_rows = q_ref.shape[0]
     first = pl.program_id(2) * entries_per_split
     last = jnp.minimum(first + entries_per_split, counts_ref[...])
@@ -106,8 +118,13 @@ def _decode_kernel(
     v_row = lax.broadcasted_iota(jnp.int32, (block_kv, v_ref.shape[1]), 0)
 
     def visit_block(entry, carry):
-        start = pl.multiple_of(indices_ref[entry] * block_kv, block_kv)
-        kv_slice = pl.ds(start, block_kv)
+        block = indices_ref[entry]  # Logical block id: the mask works on logical positions.
+        start = pl.multiple_of(block * block_kv, block_kv)
+        if pages_ref is None:
+            kv_slice = pl.ds(start, block_kv)
+        else:  # Physical page, clipped so that a stray entry never reads out of bounds.
+            page = jnp.minimum(jnp.maximum(pages_ref[block], 0), num_pages - 1)
+            kv_slice = pl.ds(pl.multiple_of(page * block_kv, block_kv), block_kv)
         s = matmul(q, k_ref[kv_slice, :], transpose_b=True) * scale
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
@@ -126,17 +143,22 @@ def decode_attention_forward(
     q, k, v, block_indices, block_counts, lengths, *, scale: float,
     softcap: float | None = None, queries_per_head: int = 1, block_kv: int = 64,
     num_splits: int = 1, num_warps: int = 4, num_stages: int = 2, interpret: bool = False,
+    page_table: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Block-sparse attention of a few query rows per kv head over a KV cache.
 
     Args:
       q: [B, K, R, D], float32 or bfloat16, with R = G * Tq query rows per kv head, row
         r = g * Tq + t (t = r % Tq, Tq = queries_per_head).
-      k, v: [B, K, S, D] in q.dtype, the cache; S a multiple of block_kv.
+      k, v: [B, K, S, D] in q.dtype, the cache; S a multiple of block_kv. With a page_table:
+        a page pool [1, K, P * block_kv, D] shared by all sequences, page p of kv head h being
+        k[0, h, p * block_kv:(p + 1) * block_kv].
       block_indices: int32 [B, K, nb]: the kv blocks (of block_kv positions) to read, listed
-        first, ascending, then padding (any valid block id; never read).
+        first, ascending, then padding (any valid block id; never read). With a page_table:
+        logical block ids in [0, max_pages).
       block_counts: int32 [B, K] in [0, nb]: the number of listed leading entries.
-      lengths: int32 [B] in [0, S]: valid cache positions of each sequence.
+      lengths: int32 [B] in [0, S] (in [0, max_pages * block_kv] with a page_table, checked
+        when concrete): valid (logical) cache positions of each sequence.
       scale: multiplies q.k.
       softcap: None or c > 0 for logits -> c * tanh(logits / c).
       queries_per_head: Tq. Query t of sequence b sits at position lengths[b] - Tq + t and sees
@@ -145,6 +167,11 @@ def decode_attention_forward(
       num_splits: P, instances per (b, kv head) sharing the block list (split-K); each takes
         ceil(nb / P) consecutive entries, merged by log-sum-exp in the wrapper.
       num_warps, num_stages: Triton launch settings; interpret: run on CPU.
+      page_table: None (k, v are contiguous caches) or int32 [B, max_pages]: logical block j of
+        sequence b lives in pool page page_table[b, j] (pages are blocks: page size = block_kv).
+        Only the entries of listed blocks are read (clipped into [0, P), so a stray entry reads
+        a wrong page but never out of bounds); the others may hold anything. Positions and the
+        mask are logical: position j * block_kv + i is visible under the rule above.
 
     Returns:
       (o [B, K, R, D] in q.dtype, lse [B, K, R] float32); a row that sees nothing gives o = 0
@@ -152,12 +179,14 @@ def decode_attention_forward(
 
     Raises:
       ValueError: naming the argument, on bad ranks, shapes, dtypes, block_kv, head dim,
-        queries_per_head, num_splits or softcap.
+        queries_per_head, num_splits, softcap or page_table (k, v must then be a pool with
+        k.shape[0] == 1).
     """
-    batch, kv_heads, rows, kv_len, head_dim, num_entries = check_decode_attention_inputs(
+    batch, kv_heads, rows, _, head_dim, num_entries = check_decode_attention_inputs(
         q, k, v, block_indices, block_counts, lengths, scale, softcap, queries_per_head,
-        block_kv, num_splits, check_support,
+        block_kv, num_splits, check_support, page_table=page_table,
     )
+    kv_len = k.shape[2]  # The cache, or the page pool.
     if num_entries == 0:  # A zero-size block is not loadable; one padding entry, never read.
         block_indices = jnp.zeros((batch, kv_heads, 1), jnp.int32)
         num_entries = 1
@@ -167,18 +196,26 @@ def decode_attention_forward(
         _decode_kernel, scale=float(scale), softcap=None if softcap is None else float(softcap),
         rows=rows, queries_per_head=queries_per_head, block_kv=block_kv,
         entries_per_split=-(-num_entries // num_splits),
+        num_pages=None if page_table is None else kv_len // block_kv,
     )
+    # A contiguous cache is read at batch b; the page pool (batch 1) always at 0.
+    cache_batch = (lambda b: b) if page_table is None else (lambda b: 0)
+    in_specs = [
+        pl.BlockSpec((None, None, padded_rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
+        pl.BlockSpec((None, None, kv_len, head_dim), lambda b, h, s: (cache_batch(b), h, 0, 0)),
+        pl.BlockSpec((None, None, kv_len, head_dim), lambda b, h, s: (cache_batch(b), h, 0, 0)),
+        pl.BlockSpec((None, None, num_entries), lambda b, h, s: (b, h, 0)),
+        pl.BlockSpec((None, None), lambda b, h, s: (b, h)),
+        pl.BlockSpec((None,), lambda b, h, s: (b,)),
+    ]
+    operands = [q_padded, k, v, block_indices, block_counts, lengths]
+    if page_table is not None:
+        in_specs.append(pl.BlockSpec((None, page_table.shape[1]), lambda b, h, s: (b, 0)))
+        operands.append(page_table)
     o_parts, lse_parts = pl.pallas_call(
         kernel,
         grid=(batch, kv_heads, num_splits),
-        in_specs=[
-            pl.BlockSpec((None, None, padded_rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
-            pl.BlockSpec((None, None, kv_len, head_dim), lambda b, h, s: (b, h, 0, 0)),
-            pl.BlockSpec((None, None, kv_len, head_dim), lambda b, h, s: (b, h, 0, 0)),
-            pl.BlockSpec((None, None, num_entries), lambda b, h, s: (b, h, 0)),
-            pl.BlockSpec((None, None), lambda b, h, s: (b, h)),
-            pl.BlockSpec((None,), lambda b, h, s: (b,)),
-        ],
+        in_specs=in_specs,
         out_specs=[
             pl.BlockSpec(
                 (None, None, None, padded_rows, head_dim), lambda b, h, s: (b, h, s, 0, 0)
@@ -194,7 +231,7 @@ def decode_attention_forward(
         compiler_params=compat.TritonCompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=FORWARD_NAME,
-    )(q_padded, k, v, block_indices, block_counts, lengths)
+    )(*operands)
     o_parts, lse_parts = o_parts[:, :, :, :rows], lse_parts[:, :, :, :rows]
     if num_splits == 1:
         o, lse = o_parts[:, :, 0], lse_parts[:, :, 0]

@@ -39,6 +39,17 @@ caller must list valid ids); padding entries are never read, except entry 0 of a
 live, whose block is copied (the pipeline needs one) but never computed. Lengths are clamped to
 [0, S].
 
+Paged caches (``page_table`` int32 [B, max_pages], a fourth scalar-prefetch operand, flattened):
+k and v are then one page pool [1, K, P * block_kv, D] shared by all sequences, pages are blocks
+and block_indices hold logical block ids. Only the K/V index map translates: it returns
+(0, h, page_table[b, block], 0), the page clipped into [0, P); the kernel body, ``live_counts``,
+the clipping of block ids (to [0, max_pages)) and the clamping of lengths (to
+[0, max_pages * block_kv]) all work on logical blocks and positions. Consecutive steps that name
+the same kv head and physical page (a padding step; with K = 1, a page shared by consecutive
+sequences) issue no DMA. The page-table entries read are those of live listed blocks and, for a
+(b, h) with nothing live, that of entry 0 (copied, never computed; clipping keeps an arbitrary
+entry in bounds). SMEM grows by B * max_pages words.
+
 Empty rows: a row that sees nothing (count 0, length 0, or a query position before 0 when
 lengths[b] < Tq) gives o = 0 and lse = -inf: exponentials are shifted by a max that is replaced
 by 0 when it is -inf, so masked logits always give p = 0.
@@ -98,13 +109,20 @@ def listed_entry(split, step, count, steps):
     return jnp.maximum(jnp.minimum(split * steps + step, count - 1), 0)
 
 
-def kv_block_index_map(num_kv_heads: int, steps: int, width: int):
-    """K/V index map on the (B, K, P, c) grid: (b, h, listed block, 0)."""
+def kv_block_index_map(num_kv_heads: int, steps: int, width: int, *,
+                       max_pages: int | None = None, num_pages: int | None = None):
+    """K/V index map on the (B, K, P, c) grid: (b, h, listed block, 0) for a contiguous cache;
+    with a page table (``max_pages`` columns, flattened to [B * max_pages] in SMEM, into a pool of
+    ``num_pages`` pages): (0, h, page_table[b, listed block] clipped into [0, num_pages), 0)."""
 
-    def index_map(b, h, split, step, indices_ref, counts_ref, lengths_ref):
+    def index_map(b, h, split, step, indices_ref, counts_ref, lengths_ref, *pages_ref):
         head = b * num_kv_heads + h
         entry = listed_entry(split, step, counts_ref[head], steps)
-        return b, h, indices_ref[head * width + entry], 0
+        block = indices_ref[head * width + entry]
+        if max_pages is None:
+            return b, h, block, 0
+        page = pages_ref[0][b * max_pages + block]
+        return 0, h, jnp.minimum(jnp.maximum(page, 0), num_pages - 1), 0
 
     return index_map
 
@@ -124,10 +142,12 @@ def _row_limits(length, padded_rows, queries_per_head, group_size):
 
 
 def _forward_kernel(
-    indices_ref, counts_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
-    max_ref, sum_ref, acc_ref, *, scale, softcap, block_kv, queries_per_head, group_size,
-    steps, width,
+    indices_ref, counts_ref, lengths_ref, *refs, scale, softcap, block_kv, queries_per_head,
+    group_size, steps, width, paged,
 ):
+    # A page table, when given, is a fourth scalar-prefetch operand read only by the index map:
+    # the kernel body works on logical blocks and positions.
+    q_ref, k_ref, v_ref, o_ref, lse_ref, max_ref, sum_ref, acc_ref = refs[1:] if paged else refs
     b, h, split, step = (pl.program_id(axis) for axis in range(4))
     head = b * pl.num_programs(1) + h
     count = counts_ref[head]
@@ -178,7 +198,7 @@ def live_counts(block_indices, block_counts, lengths, *, block_kv):
 
 def _kernel_metadata(block_indices, block_counts, lengths, *, kv_len, block_kv):
     """(flat block ids, flat live counts, lengths) for scalar prefetch; block ids clipped into
-    range, lengths clamped to [0, S]."""
+    range, lengths clamped to [0, S] (S = max_pages * block_kv, logical, with a page table)."""
     lengths = jnp.clip(lengths, 0, kv_len)
     block_indices = jnp.clip(block_indices, 0, kv_len // block_kv - 1)
     counts = live_counts(block_indices, block_counts, lengths, block_kv=block_kv)
@@ -199,6 +219,7 @@ def decode_attention_forward(
     block_kv: int = 128,
     num_splits: int = 1,
     interpret: bool | compat.TPUInterpretParams = False,
+    page_table: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Block-sparse attention of a few query rows per kv head over a KV cache.
 
@@ -206,11 +227,15 @@ def decode_attention_forward(
       q: [B, K, R, D], float32 or bfloat16, with R = G * Tq query rows per kv head, row
         r = g * Tq + t (t = r % Tq, Tq = queries_per_head); D a multiple of 128.
       k, v: [B, K, S, D] in q.dtype, the cache; S a multiple of block_kv. Positions at or past
-        lengths[b] may hold anything (NaN included).
+        lengths[b] may hold anything (NaN included). With a page_table: a page pool
+        [1, K, P * block_kv, D] shared by all sequences, page p of kv head h being
+        k[0, h, p * block_kv:(p + 1) * block_kv].
       block_indices: int32 [B, K, nb]: the kv blocks (of block_kv positions) to read, listed
         first, ascending, then padding (any valid block id; never read as a listed block).
+        With a page_table: logical block ids in [0, max_pages).
       block_counts: int32 [B, K] in [0, nb]: the number of listed leading entries.
-      lengths: int32 [B] in [0, S]: valid cache positions of each sequence.
+      lengths: int32 [B] in [0, S] (in [0, max_pages * block_kv] with a page_table, checked
+        when concrete): valid (logical) cache positions of each sequence.
       scale: multiplies q.k.
       softcap: None or c > 0 for logits -> c * tanh(logits / c).
       queries_per_head: Tq. Query t of sequence b sits at position lengths[b] - Tq + t and sees
@@ -220,6 +245,11 @@ def decode_attention_forward(
         B * K * P instances can fill the cores); each takes ceil(nb / P) consecutive entries,
         merged by log-sum-exp in the wrapper.
       interpret: True (or ``pltpu.InterpretParams``) to run in the TPU interpreter on CPU.
+      page_table: None (k, v are contiguous caches) or int32 [B, max_pages]: logical block j of
+        sequence b lives in pool page page_table[b, j] (pages are blocks: page size = block_kv).
+        Only the entries of live listed blocks are read, plus entry block_indices[b, h, 0] of a
+        (b, h) with nothing live (its page is copied, never computed); entries are clipped into
+        [0, P), so the others may hold anything. Positions and the mask are logical.
 
     Returns:
       (o [B, K, R, D] in q.dtype, lse [B, K, R] float32); a row that sees nothing gives o = 0
@@ -227,12 +257,13 @@ def decode_attention_forward(
 
     Raises:
       ValueError: naming the argument, on bad ranks, shapes, dtypes, block_kv, head dim,
-        queries_per_head, num_splits, softcap or scale.
+        queries_per_head, num_splits, softcap, scale or page_table (k, v must then be a pool
+        with k.shape[0] == 1).
     """
     batch, kv_heads, rows, kv_len, head_dim, num_entries = check_decode_attention_inputs(
         q, k, v, block_indices, block_counts, lengths, scale, softcap, queries_per_head,
-        block_kv, num_splits, check_support,
-    )
+        block_kv, num_splits, check_support, page_table=page_table,
+    )  # kv_len: the logical cache length (max_pages * block_kv with a page table).
     if num_entries == 0:  # Keep the grid non-empty so that the outputs are written.
         block_indices = jnp.zeros((batch, kv_heads, 1), jnp.int32)
         num_entries = 1
@@ -251,13 +282,21 @@ def decode_attention_forward(
     def split_index_map(b, h, split, step, *_):
         return b, h, split, 0, 0
 
-    kv_spec = pl.BlockSpec(
-        (None, None, block_kv, head_dim), kv_block_index_map(kv_heads, steps, num_entries)
-    )
+    prefetch = [flat_indices, flat_counts, lengths]
+    if page_table is None:
+        index_map = kv_block_index_map(kv_heads, steps, num_entries)
+    else:
+        index_map = kv_block_index_map(
+            kv_heads, steps, num_entries, max_pages=page_table.shape[1],
+            num_pages=k.shape[2] // block_kv,
+        )
+        prefetch.append(page_table.reshape(-1))
+    kv_spec = pl.BlockSpec((None, None, block_kv, head_dim), index_map)
     kernel = functools.partial(
         _forward_kernel, scale=float(scale), softcap=None if softcap is None else float(softcap),
         block_kv=block_kv, queries_per_head=queries_per_head,
         group_size=rows // queries_per_head, steps=steps, width=num_entries,
+        paged=page_table is not None,
     )
     o_parts, lse_parts = pl.pallas_call(
         kernel,
@@ -266,7 +305,7 @@ def decode_attention_forward(
             jax.ShapeDtypeStruct((batch, kv_heads, num_splits, padded_rows, 1), jnp.float32),
         ],
         grid_spec=compat.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3,
+            num_scalar_prefetch=len(prefetch),
             grid=(batch, kv_heads, num_splits, steps),
             in_specs=[
                 pl.BlockSpec((None, None, padded_rows, head_dim), head_index_map),
@@ -288,7 +327,7 @@ def decode_attention_forward(
         ),
         interpret=compat.tpu_interpret_value(interpret),
         name=FORWARD_NAME,
-    )(flat_indices, flat_counts, lengths, q_padded, k, v)
+    )(*prefetch, q_padded, k, v)
     o_parts, lse_parts = o_parts[:, :, :, :rows], lse_parts[:, :, :, :rows, 0]
     if num_splits == 1:
         o, lse = o_parts[:, :, 0], lse_parts[:, :, 0]

@@ -5,6 +5,9 @@ under the mask "key position in a listed block, before the sequence length, and 
 query's position (lengths[b] - Tq + t)". The kernel gets the same inputs with every byte it must
 not read poisoned with NaN: the blocks that padding entries point at, and the cache tail at or
 past each sequence's length. The reference sees clean arrays, so any leak shows as a mismatch.
+
+Paged caches: the same lists read through a page table from a shuffled, NaN-poisoned page pool
+must give exactly the contiguous kernel's output on the cache the table gathers.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from tests.pallas_kernels.paging import gather_pages, listed_blocks, paginate
 from pallas_kernels.gpu.decode_attention import (
     FORWARD_NAME,
     check_support,
@@ -268,3 +272,110 @@ def test_lowers_to_triton_without_a_gpu():
         f"tensor<{batch}x{kv_heads}x{splits}x{padded}xf32>)"
         for padded, head_dim, splits in ((16, 64, 1), (16, 128, 3), (64, 32, 3))
     )
+
+
+# ----------------------------------------------------------------------------- paged caches
+
+PAGED_BLOCK_KV, PAGED_HEAD_DIM = 16, 32  # CACHE_LEN = 256: max_pages = 16 logical blocks.
+
+
+PAGED_CASES = [  # groups, queries_per_head, num_splits, softcap, pattern, lengths, dtype
+    # Length 5 < block_kv: no shared page. EMPTY_HEAD has count 0, the others partial lists.
+    (1, 1, 1, None, "random", (5, 131), jnp.float32),
+    # Every block listed. Here and below block 0 is one page shared by both sequences.
+    (4, 3, 2, 2.0, "full", (45, 256), jnp.float32),
+    (2, 3, 2, 2.0, "random", (100, 250), jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize(
+    "groups, queries_per_head, num_splits, softcap, pattern, lengths, dtype", PAGED_CASES
+)
+def test_paged_cache_equals_contiguous_cache(groups, queries_per_head, num_splits, softcap,
+                                             pattern, lengths, dtype):
+    """A shuffled page pool read through a page table gives exactly the contiguous kernel's
+    output on the cache the table gathers, and matches the reference. Every pool byte that must
+    not be read is NaN, and the entries of unmapped blocks are garbage (negative, out of range,
+    or naming the NaN pages 0 and P - 1), so a stray read shows as NaN."""
+    block_kv, head_dim = PAGED_BLOCK_KV, PAGED_HEAD_DIM
+    rng = np.random.default_rng(10 + groups)
+    (q, k, v), _, indices, counts, lengths = make_case(
+        rng, groups=groups, queries_per_head=queries_per_head, head_dim=head_dim,
+        block_kv=block_kv, lengths=lengths, pattern=pattern, dtype=dtype,
+    )
+    listed = listed_blocks(indices, counts, CACHE_LEN // block_kv)
+    k, v, k_pool, v_pool, page_table = paginate(
+        rng, k, v, listed, lengths, block_kv=block_kv,
+        garbage=lambda shape, pages: rng.choice([-3, 0, pages - 1, pages + 5, 2**30], shape),
+    )
+    shared = page_table[0, 0] == page_table[1, 0]  # A prefix page, when both lengths pass it.
+    assert shared == (min(lengths) >= block_kv)
+    kwargs = dict(scale=head_dim ** -0.5, softcap=softcap, queries_per_head=queries_per_head)
+    lists = tuple(jnp.asarray(x) for x in (indices, counts, lengths))
+
+    def run(k, v, **extra):
+        o, lse = decode_attention_forward(
+            jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype), *lists,
+            block_kv=block_kv, num_splits=num_splits, interpret=True, **kwargs, **extra,
+        )
+        return np.asarray(o.astype(jnp.float32)), np.asarray(lse)
+
+    o, lse = run(k_pool, v_pool, page_table=jnp.asarray(page_table))
+    o_contiguous, lse_contiguous = run(
+        gather_pages(k_pool, page_table, block_kv), gather_pages(v_pool, page_table, block_kv)
+    )
+    np.testing.assert_array_equal(o, o_contiguous)
+    np.testing.assert_array_equal(lse, lse_contiguous)
+    o_ref, lse_ref = reference_decode(q, k, v, indices, counts, lengths, block_kv=block_kv,
+                                      **kwargs)
+    tolerance = 2e-5 if dtype == jnp.float32 else 2e-2
+    assert not np.isnan(o).any() and not np.isnan(lse).any()
+    np.testing.assert_allclose(o, o_ref, atol=tolerance, rtol=tolerance)
+    np.testing.assert_allclose(lse, lse_ref, atol=tolerance, rtol=tolerance)
+    if pattern == "random":
+        assert np.all(o[EMPTY_HEAD] == 0.0) and np.all(np.isneginf(lse[EMPTY_HEAD]))
+
+
+def _paged_args(**overrides):
+    """Valid paged arguments: a pool of 4 pages of 32, max_pages 3, then ``overrides``."""
+    args = _args(k=jnp.zeros((1, 2, 128, 32)), v=jnp.zeros((1, 2, 128, 32)),
+                 page_table=jnp.zeros((2, 3), jnp.int32))
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(k=jnp.zeros((2, 2, 128, 32)), v=jnp.zeros((2, 2, 128, 32))),
+     r"k must be a page pool \[1, 2, P \* block_kv, 32\] when page_table is given"),
+    (dict(v=jnp.zeros((1, 2, 96, 32))), "v must have"),
+    (dict(k=jnp.zeros((1, 2, 112, 32)), v=jnp.zeros((1, 2, 112, 32))),
+     r"page pool length k.shape\[2\]=112 .* block_kv=32"),
+    (dict(page_table=jnp.zeros((2,), jnp.int32)), r"page_table must be \[2, max_pages\]"),
+    (dict(page_table=jnp.zeros((3, 3), jnp.int32)), r"page_table must be \[2, max_pages\]"),
+    (dict(page_table=jnp.zeros((2, 0), jnp.int32)), "max_pages >= 1"),
+    (dict(page_table=jnp.zeros((2, 3), jnp.uint32)), "page_table must be int32, got uint32"),
+    (dict(lengths=jnp.array([96, 97], jnp.int32)), r"lengths must lie in \[0, .* 96\]"),
+    (dict(lengths=jnp.array([-1, 0], jnp.int32)), "lengths must lie in"),
+])
+def test_rejects_bad_paged_inputs(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        decode_attention_forward(**_paged_args(**overrides))
+
+
+def test_paged_lowers_to_triton_without_a_gpu():
+    """The page-table load (a scalar at a loaded block id) and the pool slice lower to Triton;
+    max_pages = 3 and P = 5 pages are not powers of two."""
+    q = jnp.zeros((3, 2, 12, 64), jnp.bfloat16)
+    pool = jnp.zeros((1, 2, 5 * 32, 64), jnp.bfloat16)
+
+    def kernel(indices, counts, lengths, page_table):
+        return decode_attention_forward(
+            q, pool, pool, indices, counts, lengths, scale=0.125, softcap=30.0,
+            queries_per_head=3, block_kv=32, num_splits=2, page_table=page_table,
+        )
+
+    text = jax.jit(kernel).trace(
+        jnp.zeros((3, 2, 3), jnp.int32), jnp.zeros((3, 2), jnp.int32),
+        jnp.zeros((3,), jnp.int32), jnp.zeros((3, 3), jnp.int32),
+    ).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 1 and FORWARD_NAME in text

@@ -3,6 +3,10 @@
 The reference is dense float64 numpy attention written from the op's definition, independent of
 ``jaxsparse``: a [B, K, R, S] visibility mask built from the listed blocks, the lengths and the
 causal rule of multi-token decode (query t of sequence b sits at lengths[b] - Tq + t).
+
+Paged caches: the same lists read through a page table from a shuffled, NaN-poisoned page pool
+(unmapped blocks' entries out of range) must give exactly the contiguous kernel's output on the
+cache the table gathers.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.common import compat
+from tests.pallas_kernels.paging import gather_pages, paginate
 from pallas_kernels.tpu.decode_attention import (
     FORWARD_NAME,
     check_support,
@@ -132,6 +137,12 @@ def assert_matches_reference(case: Case, interpret=None):
         queries_per_head=case.queries, block_kv=BLOCK_KV, num_splits=case.num_splits,
         interpret=interpret or compat.tpu_interpret_params(),
     )
+    return check_against_reference(case, o, lse, clean, listed)
+
+
+def check_against_reference(case: Case, o, lse, clean, listed):
+    """Asserts the kernel's (o, lse) match the reference on the clean inputs; returns them as
+    float64 numpy with the rows that see something."""
     rows = case.groups * case.queries
     assert o.dtype == case.dtype and o.shape == (BATCH, KV_HEADS, rows, HEAD_DIM)
     assert lse.dtype == jnp.float32 and lse.shape == (BATCH, KV_HEADS, rows)
@@ -333,3 +344,174 @@ def test_check_support():
         check_support(128, 8, jnp.float32)
     with pytest.raises(ValueError, match="float16"):
         check_support(128, 128, jnp.float16)
+
+
+# ----------------------------------------------------------------------------- paged caches
+
+# The page-table entry of every unmapped block: far out of any pool's range, yet its row offset
+# HUGE_PAGE * BLOCK_KV = 2**31 - 128 still fits in int32 (2**30 would wrap around to row 0, back
+# in range), so an unclipped copy of it is out of bounds and the interpreter raises.
+HUGE_PAGE = 2**24 - 1
+
+
+def _huge_pages(shape, num_pages):
+    return np.full(shape, HUGE_PAGE, np.int32)
+
+
+# Each contiguous run has the shapes and settings of an earlier test (full lists, soft cap,
+# bfloat16), so the jitted ``run_kernel`` reuses its compilation when the module runs whole.
+PAGED_CASES = {
+    # Tq = 3, GQA, two splits, counts 4 (every block) / 0 / 1 / 2 of width 4; both lengths
+    # pass block 0: one page shared by the two sequences. Race detection on.
+    "shared-page-splits-races": Case(
+        groups=4, queries=3, counts=((4, 0), (1, 2)), width=NUM_BLOCKS, num_splits=2, seed=11,
+    ),
+    # Tq = 1, soft cap, a full list of width 3; length 100 < BLOCK_KV: no shared page.
+    "tq1-softcap": Case(groups=4, queries=1, counts=((3, 0), (1, 2)), lengths=(100, 450),
+                        softcap=1.0, seed=12),
+    "bf16-splits-softcap": Case(groups=4, queries=3, num_splits=2, softcap=20.0,
+                                dtype=jnp.bfloat16, seed=13),
+}
+
+
+@pytest.mark.parametrize("name", PAGED_CASES)
+def test_paged_cache_equals_contiguous_cache(name):
+    """A shuffled page pool read through a page table gives exactly the contiguous kernel's
+    output on the cache the table gathers, and matches the reference. Every pool byte that must
+    not be read is NaN and unmapped blocks' page-table entries are HUGE_PAGE, so a stray read
+    shows as NaN (and an unclipped DMA would be out of bounds)."""
+    case = PAGED_CASES[name]
+    races = name.endswith("races")
+    clean, _, listed = make_inputs(case)
+    rng = np.random.default_rng(case.seed)
+    k, v, k_pool, v_pool, page_table = paginate(rng, clean["k"], clean["v"], listed, clean["lengths"],
+                                                block_kv=BLOCK_KV, garbage=_huge_pages)
+    clean = {**clean, "k": k, "v": v, "block_indices": clean["block_indices"].copy()}
+    assert (page_table[0, 0] == page_table[1, 0]) == (min(case.lengths) >= BLOCK_KV)
+    # A head with nothing listed copies (never computes) entry 0's page: point that entry at
+    # an unmapped block, so that only the index map's clipping keeps the copy in bounds (the
+    # interpreter raises on an out-of-bounds block index).
+    for b, h in zip(*np.nonzero(clean["block_counts"] == 0)):
+        unmapped = np.flatnonzero(page_table[b] == HUGE_PAGE)
+        if unmapped.size:
+            clean["block_indices"][b, h, 0] = unmapped[0]
+    lists = {
+        name: jnp.asarray(clean[name]) for name in ("block_indices", "block_counts", "lengths")
+    }
+    settings = dict(scale=HEAD_DIM**-0.5, softcap=case.softcap, queries_per_head=case.queries,
+                    block_kv=BLOCK_KV, num_splits=case.num_splits)
+
+    def floats(k, v):
+        arrays = {"q": clean["q"], "k": k, "v": v}
+        return {name: jnp.asarray(x, case.dtype) for name, x in arrays.items()}
+
+    contiguous = run_kernel(**floats(gather_pages(k_pool, page_table, BLOCK_KV),
+                                     gather_pages(v_pool, page_table, BLOCK_KV)),
+                            **lists, **settings, interpret=compat.tpu_interpret_params())
+    paged = run_kernel(**floats(k_pool, v_pool), **lists, **settings,
+                       page_table=jnp.asarray(page_table),
+                       interpret=compat.tpu_interpret_params(detect_races=races))
+    if races:
+        assert compat.tpu_interpret_races_found() is False
+    for got, expected in zip(paged, contiguous):
+        np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                      np.asarray(expected, np.float32))
+    check_against_reference(case, *paged, clean, listed)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_paged_index_map_reads_only_live_page_table_entries(num_splits):
+    """Walk the grid through the paged K/V index map (no interpreter), recording every
+    page-table entry it reads: only the entries of live listed blocks (and entry 0's block of a
+    head with nothing live) are read, so the HUGE_PAGE entries of unmapped blocks, padding
+    entries and listed blocks past the length are never read nor copied; each live block's page
+    is fetched once, the pool's batch index is always 0."""
+    width, block_kv, max_pages, num_pages = 4, 16, 6, 9
+    counts = np.array([[3, 0], [4, 1]], np.int32)
+    indices = np.full((BATCH, KV_HEADS, width), 5, np.int32)  # padding: block 5, unmapped
+    indices[0, 0, :3] = [0, 2, 4]  # block 4 (64..79) starts past length 50
+    indices[0, 1, 0] = 2  # nothing listed: entry 0's block is the one page fetched
+    indices[1, 0, :] = [0, 1, 3, 4]  # block 4 starts at length 64
+    indices[1, 1, 0] = 1
+    lengths = np.array([50, 4 * block_kv], np.int32)
+    page_table = np.full((BATCH, max_pages), HUGE_PAGE, np.int32)
+    page_table[0, [0, 2]] = [7, 3]
+    page_table[1, [0, 1, 3]] = [7, 1, 5]  # page 7: a prefix shared by both sequences
+    live = np.asarray(live_counts(
+        jnp.asarray(indices), jnp.asarray(counts), jnp.asarray(lengths), block_kv=block_kv
+    ))
+    np.testing.assert_array_equal(live, [[2, 0], [3, 1]])
+
+    class RecordingTable:
+        def __init__(self, table):
+            self.table, self.read = table.reshape(-1), set()
+
+        def __getitem__(self, position):
+            self.read.add(int(position))
+            return self.table[position]
+
+    pages = RecordingTable(page_table)
+    steps = -(-width // num_splits)
+    index_map = kv_block_index_map(KV_HEADS, steps, width, max_pages=max_pages,
+                                   num_pages=num_pages)
+    fetched, previous = {}, None
+    for b, h, split, step in np.ndindex(BATCH, KV_HEADS, num_splits, steps):
+        block = tuple(int(x) for x in index_map(
+            b, h, split, step, indices.reshape(-1), live.reshape(-1), None, pages))
+        assert block[0] == 0 and block[1] == h
+        if block != previous:
+            fetched.setdefault((b, h), []).append(block[2])
+        previous = block
+    assert fetched == {(0, 0): [7, 3], (0, 1): [3], (1, 0): [7, 1, 5], (1, 1): [1]}
+    assert pages.read == {0 * max_pages + 0, 0 * max_pages + 2,
+                          1 * max_pages + 0, 1 * max_pages + 1, 1 * max_pages + 3}
+
+
+def test_paged_lowers_to_mosaic_for_tpu():
+    """The page table as a fourth scalar-prefetch operand and the translating index map lower
+    to Mosaic (bfloat16, two splits, Tq = 3; a pool of 5 pages, max_pages 3)."""
+    q = jnp.ones((BATCH, KV_HEADS, 12, HEAD_DIM), jnp.bfloat16)
+    pool = jnp.ones((1, KV_HEADS, 5 * BLOCK_KV, HEAD_DIM), jnp.bfloat16)
+
+    def paged(q, pool, indices, counts, lengths, page_table):
+        return decode_attention_forward(
+            q, pool, pool, indices, counts, lengths, scale=0.1, softcap=30.0, queries_per_head=3,
+            num_splits=2, page_table=page_table,
+        )
+
+    with compat.tpu_lowering_without_tpu():
+        exported = jax.export.export(jax.jit(paged), platforms=["tpu"])(
+            q, pool, jnp.zeros((BATCH, KV_HEADS, 3), jnp.int32),
+            jnp.ones((BATCH, KV_HEADS), jnp.int32), jnp.array([300, 384], jnp.int32),
+            jnp.zeros((BATCH, 3), jnp.int32),
+        )
+    module = exported.mlir_module()
+    assert FORWARD_NAME in module and module.count("tpu_custom_call") == 1
+
+
+def _paged_arguments(**changes):
+    """Valid paged arguments: a pool of 3 pages of 128, max_pages 2, with some replaced."""
+    paged = dict(k=jnp.ones((1, 2, 384, 128)), v=jnp.ones((1, 2, 384, 128)),
+                 page_table=jnp.zeros((2, 2), jnp.int32))
+    return _arguments(**{**paged, **changes})
+
+
+@pytest.mark.parametrize(
+    "arguments, match",
+    [
+        (_paged_arguments(k=jnp.ones((2, 2, 384, 128)), v=jnp.ones((2, 2, 384, 128))),
+         r"k must be a page pool \[1, 2, P \* block_kv, 128\] when page_table is given"),
+        (_paged_arguments(v=jnp.ones((1, 2, 256, 128))), "v must have"),
+        (_paged_arguments(k=jnp.ones((1, 2, 320, 128)), v=jnp.ones((1, 2, 320, 128))),
+         r"page pool length k.shape\[2\]=320"),
+        (_paged_arguments(page_table=jnp.zeros((2, 2, 1), jnp.int32)), "page_table must be"),
+        (_paged_arguments(page_table=jnp.zeros((1, 2), jnp.int32)), r"page_table must be \[2,"),
+        (_paged_arguments(page_table=jnp.zeros((2, 0), jnp.int32)), "max_pages >= 1"),
+        (_paged_arguments(page_table=jnp.zeros((2, 2))), "page_table must be int32, got float32"),
+        (_paged_arguments(lengths=jnp.array([0, 257], jnp.int32)),
+         r"lengths must lie in \[0, max_pages \* block_kv = 256\]"),
+    ],
+)
+def test_rejects_bad_paged_arguments(arguments, match):
+    with pytest.raises(ValueError, match=match):
+        decode_attention_forward(**arguments, interpret=True)
