@@ -1,4 +1,29 @@
-"""Architectures built from ``jaxsparse.nn`` (dense, Spark Transformer, BlockFFN MoE), with presets.
+"""Language models built from the public jaxsparse API: dense, Spark Transformer, BlockFFN and top-k MoE.
 
-Empty until the models issue lands; run from a checkout (``python -m train``).
+Example::
+
+    from flax import nnx
+    from models import Transformer, generate, get_preset
+
+    model = Transformer(get_preset("spark-tiny"), rngs=nnx.Rngs(0))
+    out = model(tokens)                        # ModelOutput: logits [B, T, V], aux_loss, metrics
+    continued = generate(model, tokens[:, :16], max_new_tokens=32, policy="top_k")
 """
+
+from models.config import LayerAttention, ModelConfig, attention_pattern
+from models.generate import generate
+from models.presets import PRESETS, dense_twin, get_preset
+from models.transformer import ModelOutput, Transformer, count_parameters
+
+__all__ = [
+    "LayerAttention",
+    "ModelConfig",
+    "ModelOutput",
+    "PRESETS",
+    "Transformer",
+    "attention_pattern",
+    "count_parameters",
+    "dense_twin",
+    "generate",
+    "get_preset",
+]

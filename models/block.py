@@ -1,0 +1,92 @@
+"""One pre-norm Transformer block: ``x + attention(norm(x))``, then ``x + ffn(norm(x))``."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxsparse import masks, nn
+from jaxsparse.kv import KVCache
+from jaxsparse.nn.parameters import logical_axes
+from models.attention_layout import layer_mask
+from models.config import LayerAttention, ModelConfig
+from models.ffn import apply_ffn, make_ffn
+
+NORM_EPSILON = 1e-6
+
+
+def rms_norm(config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.RMSNorm:
+    """An RMSNorm over ``M`` (epsilon 1e-6, scale init 1, logical axes ``("norm",)``)."""
+    return nnx.RMSNorm(config.model_dim, epsilon=NORM_EPSILON, dtype=jnp.dtype(config.dtype),
+                       param_dtype=jnp.dtype(config.param_dtype), scale_metadata=logical_axes(("norm",)), rngs=rngs)
+
+
+class Block(nnx.Module):
+    """A pre-norm block with the attention pattern of its layer and the config's FFN kind.
+
+    Attributes:
+      attention_norm, ffn_norm: ``nnx.RMSNorm`` before each sublayer.
+      attention: ``nn.Attention`` (rotary, GQA) with the layer's causal mask.
+      ffn: the FFN layer of :func:`models.ffn.make_ffn`.
+      layout: the layer's :class:`~models.config.LayerAttention` (static).
+    """
+
+    def __init__(self, config: ModelConfig, layout: LayerAttention, *, rngs: nnx.Rngs):
+        self.layout = layout
+        self.attention_norm = rms_norm(config, rngs=rngs)
+        self.attention = nn.Attention(
+            config.model_dim, config.num_heads, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+            mask=layer_mask(layout), rope_theta=config.rope_theta, softcap=config.attention_softcap,
+            implementation=config.attention_implementation, dtype=jnp.dtype(config.dtype),
+            param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
+        self.ffn_norm = rms_norm(config, rngs=rngs)
+        self.ffn = make_ffn(config, rngs=rngs)
+
+    def __call__(self, x, *, positions, segment_ids=None):
+        """Training / scoring forward.
+
+        Args:
+          x: ``[B, T, M]``.
+          positions: int ``[B, T]`` or ``[T]`` rotary positions (restarting in each document).
+          segment_ids: optional int ``[B, T]``: attention stays inside each document.
+
+        Returns:
+          ``(x [B, T, M], activity bool [B, T, F or E], aux dict)`` (see :func:`models.ffn.apply_ffn`).
+        """
+        mask = None if segment_ids is None else layer_mask(self.layout) & masks.document(segment_ids)
+        x = x + self.attention(self.attention_norm(x), positions=positions, mask=mask).astype(x.dtype)
+        y, activity, aux = apply_ffn(self.ffn, self.ffn_norm(x), segment_ids=segment_ids)
+        return x + y, activity, aux
+
+    def prefill(self, x, cache: KVCache):
+        """The forward over a prompt that also fills ``cache`` with its rotated keys and values.
+
+        Args:
+          x: ``[B, P, M]``, positions ``0 .. P - 1``.
+          cache: this layer's empty cache (capacity ``>= P``).
+
+        Returns:
+          ``(x [B, P, M], cache)``.
+        """
+        hidden = self.attention_norm(x)
+        keys, values = self.attention.key(hidden), self.attention.value(hidden)
+        if self.attention.rope_theta is not None:
+            keys = nn.apply_rotary(keys, jnp.arange(x.shape[1]), theta=self.attention.rope_theta)
+        cache = cache.prefill(keys, values)
+        x = x + self.attention(hidden).astype(x.dtype)
+        return x + self.ffn(self.ffn_norm(x)).astype(x.dtype), cache
+
+    def decode(self, x, cache: KVCache, *, select=None):
+        """One decode step: attend over ``cache`` (what ``select(q, cache)`` picks), then the FFN.
+
+        Args:
+          x: ``[B, 1, M]``.
+          cache: this layer's cache.
+          select: the selection policy of ``nn.Attention.decode`` or None (the whole cache).
+
+        Returns:
+          ``(x [B, 1, M], cache)``.
+        """
+        attended, cache = self.attention.decode(self.attention_norm(x), cache, select=select)
+        x = x + attended.astype(x.dtype)
+        return x + self.ffn(self.ffn_norm(x)).astype(x.dtype), cache
