@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q
 
-# The main job. Until the training CLI lands it runs the attention demo and prints a table.
+# The main job: Spark Transformer (spark-tiny) pretraining on the embedded stdlib corpus, then its
+# dense twin on the same data; ends with a report (losses, sparsity, checkpoint and plot paths).
 train: $(STAMP)
-	$(BIN)/python -m train
+	$(BIN)/python -m train --preset spark-tiny --compare-dense
 
 # Regenerates BENCHMARKS.md (CPU part; add --gpu on a machine with an H100).
 bench: $(STAMP)

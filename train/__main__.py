@@ -1,6 +1,8 @@
-"""``python -m train``: the main job (for now the attention demo; see :mod:`train.demo`)."""
+"""``python -m train``: the training CLI (see :mod:`train.cli`, or ``python -m train --help``)."""
 
-from train.demo import main
+import sys
+
+from train.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
