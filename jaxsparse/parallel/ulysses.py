@@ -43,7 +43,7 @@ from jax.sharding import PartitionSpec as P
 from jaxsparse.masks.base import Mask, pytree_mask
 from jaxsparse.masks.block_mask import BlockMask, make_block_mask
 from jaxsparse.ops.attention import BlockSizes, attention
-from jaxsparse.ops.attention.api import _check_qkv, _default_block
+from jaxsparse.ops.attention.checks import check_qkv, default_block
 
 __all__ = ["ulysses_attention"]
 
@@ -94,7 +94,7 @@ def ulysses_attention(q, k, v, mask: Mask | BlockMask | None = None, *, mesh: ja
                                 batch_axis_name="data")
     """
     batch_axes = _check_axes(mesh, axis_name, batch_axis_name)
-    batch, q_len, heads, _ = _check_qkv(q, k, v)
+    batch, q_len, heads, _ = check_qkv(q, k, v)
     kv_len, kv_heads = k.shape[1], k.shape[2]
     devices = mesh.shape[axis_name]
     batch_shards = math.prod(mesh.shape[name] for name in batch_axes)
@@ -211,7 +211,7 @@ def _global_block_mask(mask, block_sizes, batch, heads, q_len, kv_len) -> BlockM
         if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
             raise TypeError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
         if block_sizes is None:
-            block_sizes = BlockSizes(block_q=_default_block(q_len), block_kv=_default_block(kv_len))
+            block_sizes = BlockSizes(block_q=default_block(q_len), block_kv=default_block(kv_len))
         mask = make_block_mask(mask, q_len=q_len, kv_len=kv_len, block_q=block_sizes.block_q,
                                block_kv=block_sizes.block_kv, batch=batch, heads=heads)
     else:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from jaxsparse.masks.base import Mask
 from jaxsparse.masks.block_mask import BlockMask, make_block_mask
+from jaxsparse.ops.attention.checks import check_positive, check_qkv, default_block
 from jaxsparse.ops.attention.config import BlockSizes
 from jaxsparse.ops.attention.reference import reference_attention
 
@@ -79,11 +80,11 @@ def attention(
         from jaxsparse import attention, masks
         out = attention(q, k, v, masks.causal() & masks.sliding_window(1024))
     """
-    batch, q_len, heads, head_dim = _check_qkv(q, k, v)
+    batch, q_len, heads, head_dim = check_qkv(q, k, v)
     kv_len = k.shape[1]
     implementation = _resolve_implementation(implementation)
-    scale = _check_positive("scale", scale, default=head_dim**-0.5)
-    softcap = _check_positive("softcap", softcap, default=None)
+    scale = check_positive("scale", scale, default=head_dim**-0.5)
+    softcap = check_positive("softcap", softcap, default=None)
     if bias is not None:
         bias = _check_bias(bias, (batch, heads, q_len, kv_len))
 
@@ -109,26 +110,6 @@ def attention(
     return (out, lse[:, :, :q_len]) if return_lse else out
 
 
-def _check_qkv(q, k, v):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not hasattr(x, "ndim") or x.ndim != 4:
-            raise ValueError(f"{name} must have rank 4 ([B, T, H, D] for q, [B, S, K, D] for k and v), got shape {getattr(x, 'shape', None)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if not jnp.issubdtype(q.dtype, jnp.floating):
-        raise TypeError(f"q, k and v must be floating point, got {q.dtype}")
-    batch, q_len, heads, head_dim = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape [B, S, K, D], got k {k.shape} and v {v.shape}")
-    if k.shape[0] != batch or k.shape[3] != head_dim:
-        raise ValueError(f"k must be [B={batch}, S, K, D={head_dim}] to match q {q.shape}, got {k.shape}")
-    if k.shape[2] == 0 or heads % k.shape[2]:
-        raise ValueError(f"the number of query heads H={heads} must be divisible by the kv heads K={k.shape[2]}")
-    if q_len == 0 or k.shape[1] == 0:
-        raise ValueError(f"sequence lengths must be positive, got T={q_len}, S={k.shape[1]}")
-    return batch, q_len, heads, head_dim
-
-
 def _resolve_implementation(implementation):
     if implementation is None:
         return "xla"
@@ -137,25 +118,11 @@ def _resolve_implementation(implementation):
     return implementation
 
 
-def _check_positive(name, value, *, default):
-    if value is None:
-        return default
-    if isinstance(value, jax.core.Tracer) or not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a python number (it is static), got {type(value).__name__}")
-    if not value > 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return float(value)
-
-
 def _check_bias(bias, full_shape):
     bias = jnp.asarray(bias)
     if bias.ndim != 4 or any(size not in (1, full) for size, full in zip(bias.shape, full_shape)):
         raise ValueError(f"bias must be broadcastable to [B, H, T, S] = {list(full_shape)} with each dim 1 or full, got {bias.shape}")
     return bias
-
-
-def _default_block(length: int) -> int:
-    return min(128, max(16, 1 << (length - 1).bit_length()))
 
 
 def _block_mask(mask, block_sizes, batch, heads, q_len, kv_len) -> BlockMask:
@@ -172,7 +139,7 @@ def _block_mask(mask, block_sizes, batch, heads, q_len, kv_len) -> BlockMask:
     if mask is not None and not isinstance(mask, Mask):
         raise TypeError(f"mask must be a Mask, a BlockMask or None, got {type(mask).__name__}")
     if block_sizes is None:
-        block_sizes = BlockSizes(block_q=_default_block(q_len), block_kv=_default_block(kv_len))
+        block_sizes = BlockSizes(block_q=default_block(q_len), block_kv=default_block(kv_len))
     block_mask = make_block_mask(
         mask, q_len=q_len, kv_len=kv_len, block_q=block_sizes.block_q, block_kv=block_sizes.block_kv, batch=batch, heads=heads
     )
