@@ -1,4 +1,8 @@
-"""One pre-norm Transformer block: ``x + attention(norm(x))``, then ``x + ffn(norm(x))``."""
+"""One pre-norm Transformer block: ``x + attention(norm(x))``, then ``x + ffn(norm(x))``.
+
+With ``config.post_norms`` (Gemma 2) each sublayer's output is normalised too before the residual
+add: ``x + norm(attention(norm(x)))``, then ``x + norm(ffn(norm(x)))``.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +16,10 @@ from models.attention_layout import layer_mask
 from models.config import LayerAttention, ModelConfig
 from models.ffn import apply_ffn, make_ffn
 
-NORM_EPSILON = 1e-6
-
 
 def rms_norm(config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.RMSNorm:
-    """An RMSNorm over ``M`` (epsilon 1e-6, scale init 1, logical axes ``("norm",)``)."""
-    return nnx.RMSNorm(config.model_dim, epsilon=NORM_EPSILON, dtype=jnp.dtype(config.dtype),
+    """An RMSNorm over ``M`` (epsilon ``config.norm_epsilon``, scale init 1, logical axes ``("norm",)``)."""
+    return nnx.RMSNorm(config.model_dim, epsilon=config.norm_epsilon, dtype=jnp.dtype(config.dtype),
                        param_dtype=jnp.dtype(config.param_dtype), scale_metadata=logical_axes(("norm",)), rngs=rngs)
 
 
@@ -28,6 +30,8 @@ class Block(nnx.Module):
       attention_norm, ffn_norm: ``nnx.RMSNorm`` before each sublayer.
       attention: ``nn.Attention`` (rotary, GQA) with the layer's causal mask.
       ffn: the FFN layer of :func:`models.ffn.make_ffn`.
+      post_attention_norm, post_ffn_norm: ``nnx.RMSNorm`` after each sublayer when
+        ``config.post_norms``, else None.
       layout: the layer's :class:`~models.config.LayerAttention` (static).
     """
 
@@ -37,10 +41,23 @@ class Block(nnx.Module):
         self.attention = nn.Attention(
             config.model_dim, config.num_heads, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
             mask=layer_mask(layout), rope_theta=config.rope_theta, softcap=config.attention_softcap,
+            scale=config.attention_scale, use_bias=config.attention_bias,
             implementation=config.attention_implementation, dtype=jnp.dtype(config.dtype),
             param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
         self.ffn_norm = rms_norm(config, rngs=rngs)
         self.ffn = make_ffn(config, rngs=rngs)
+        self.post_attention_norm = rms_norm(config, rngs=rngs) if config.post_norms else None
+        self.post_ffn_norm = rms_norm(config, rngs=rngs) if config.post_norms else None
+
+    def _attention_residual(self, x, attended):
+        if self.post_attention_norm is not None:
+            attended = self.post_attention_norm(attended)
+        return x + attended.astype(x.dtype)
+
+    def _ffn_residual(self, x, y):
+        if self.post_ffn_norm is not None:
+            y = self.post_ffn_norm(y)
+        return x + y.astype(x.dtype)
 
     def __call__(self, x, *, positions, segment_ids=None):
         """Training / scoring forward.
@@ -54,9 +71,10 @@ class Block(nnx.Module):
           ``(x [B, T, M], activity bool [B, T, F or E], aux dict)`` (see :func:`models.ffn.apply_ffn`).
         """
         mask = None if segment_ids is None else layer_mask(self.layout) & masks.document(segment_ids)
-        x = x + self.attention(self.attention_norm(x), positions=positions, mask=mask).astype(x.dtype)
+        positions = None if self.attention.rope_theta is None else positions  # no rotary: positions unused
+        x = self._attention_residual(x, self.attention(self.attention_norm(x), positions=positions, mask=mask))
         y, activity, aux = apply_ffn(self.ffn, self.ffn_norm(x), segment_ids=segment_ids)
-        return x + y, activity, aux
+        return self._ffn_residual(x, y), activity, aux
 
     def prefill(self, x, cache: KVCache):
         """The forward over a prompt that also fills ``cache`` with its rotated keys and values.
@@ -73,8 +91,8 @@ class Block(nnx.Module):
         if self.attention.rope_theta is not None:
             keys = nn.apply_rotary(keys, jnp.arange(x.shape[1]), theta=self.attention.rope_theta)
         cache = cache.prefill(keys, values)
-        x = x + self.attention(hidden).astype(x.dtype)
-        return x + self.ffn(self.ffn_norm(x)).astype(x.dtype), cache
+        x = self._attention_residual(x, self.attention(hidden))
+        return self._ffn_residual(x, self.ffn(self.ffn_norm(x))), cache
 
     def decode(self, x, cache: KVCache, *, select=None):
         """One decode step: attend over ``cache`` (what ``select(q, cache)`` picks), then the FFN.
@@ -88,5 +106,5 @@ class Block(nnx.Module):
           ``(x [B, 1, M], cache)``.
         """
         attended, cache = self.attention.decode(self.attention_norm(x), cache, select=select)
-        x = x + attended.astype(x.dtype)
-        return x + self.ffn(self.ffn_norm(x)).astype(x.dtype), cache
+        x = self._attention_residual(x, attended)
+        return self._ffn_residual(x, self.ffn(self.ffn_norm(x))), cache

@@ -144,6 +144,15 @@ class ModelConfig:
       score_dims: dims of q and k that score keys at decode (Spark attention's r), in ``[1, D]``;
         None: all D.
       tie_embeddings: the unembedding reuses the embedding table.
+      scale_embeddings: multiply the token embeddings by ``sqrt(M)`` (Gemma; False: Llama).
+      norm_epsilon: the epsilon of every RMSNorm, positive (Gemma: 1e-6; Llama: usually 1e-5).
+      post_norms: also normalise each sublayer's output before its residual add, ``x += norm(
+        attention(norm(x)))`` and ``x += norm(ffn(norm(x)))`` (Gemma 2's post-attention and
+        post-FFN norms).
+      attention_bias: biases on the four attention projections (Qwen 2 imports set the output
+        bias to 0).
+      attention_scale: multiplies ``q . k``; None: ``D ** -0.5`` (Gemma 2:
+        ``query_pre_attn_scalar ** -0.5``).
       rope_theta: rotary base; None turns rotary embeddings off.
       softcap: tanh soft-cap of the output logits (Gemma 2: 30); None: off.
       attention_softcap: tanh soft-cap of the attention logits (Gemma 2: 50); None: off.
@@ -179,6 +188,11 @@ class ModelConfig:
     decode_keys: int | None = None
     score_dims: int | None = None
     tie_embeddings: bool = True
+    scale_embeddings: bool = True
+    norm_epsilon: float = 1e-6
+    post_norms: bool = False
+    attention_bias: bool = False
+    attention_scale: float | None = None
     rope_theta: float | None = 10000.0
     softcap: float | None = None
     attention_softcap: float | None = None
@@ -208,11 +222,13 @@ class ModelConfig:
         if self.score_dims is not None and (not _is_int(self.score_dims) or not 1 <= self.score_dims <= self.head_dim):
             raise ValueError(f"score_dims must be None or an int in [1, {self.head_dim}] (head_dim), "
                              f"got {self.score_dims!r}")
-        for name in ("tie_embeddings", "remat"):
+        for name in ("tie_embeddings", "scale_embeddings", "post_norms", "attention_bias", "remat"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        for name in ("softcap", "attention_softcap"):
+        for name in ("softcap", "attention_softcap", "attention_scale"):
             _check_optional_positive_number(name, getattr(self, name))
+        if not _is_number(self.norm_epsilon) or self.norm_epsilon <= 0:
+            raise ValueError(f"norm_epsilon must be a positive number, got {self.norm_epsilon!r}")
         for name in ("dtype", "param_dtype"):
             object.__setattr__(self, name, _dtype_name(name, getattr(self, name)))
         if self.attention_implementation is not None and self.attention_implementation not in IMPLEMENTATIONS:

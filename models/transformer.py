@@ -45,7 +45,9 @@ class Transformer(nnx.Module):
 
     ``x = embed[tokens] * sqrt(M)``; each block ``x += attention(rmsnorm(x))`` (rotary GQA with
     the layer's causal pattern), ``x += ffn(rmsnorm(x))``; ``logits = cap(rmsnorm(x) @ W_out^T)``
-    with ``W_out`` the embedding table when tied (Gemma 2 without its post-sublayer norms).
+    with ``W_out`` the embedding table when tied (Gemma 2 without its post-sublayer norms, which
+    ``config.post_norms`` adds). ``config.scale_embeddings=False`` drops the ``sqrt(M)`` (Llama);
+    :func:`models.load_hf_model` fills the dense model from Hugging Face Llama / Gemma checkpoints.
 
     Parameters carry logical axis names: ``embed.embedding`` and ``unembed.embedding`` ``("vocab",
     "embed")``, norm scales ``("norm",)``, attention and FFN weights as in ``jaxsparse.nn``
@@ -83,8 +85,13 @@ class Transformer(nnx.Module):
                          embedding_metadata=logical_axes(("vocab", "embed")), rngs=rngs)
 
     def embed_tokens(self, tokens):
-        """``embed[tokens] * sqrt(M)`` in the computation dtype: int ``[B, T]`` -> ``[B, T, M]``."""
+        """``embed[tokens] * sqrt(M)`` in the computation dtype: int ``[B, T]`` -> ``[B, T, M]``.
+
+        Without the ``sqrt(M)`` factor when ``config.scale_embeddings`` is False (Llama).
+        """
         x = self.embed(tokens)
+        if not self.config.scale_embeddings:
+            return x
         return x * jnp.asarray(math.sqrt(self.config.model_dim), x.dtype)
 
     def output_logits(self, x):

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 
+from models import ModelConfig
 from train.checkpoint import CHECKPOINT_DIR, latest_checkpoint_step
 
 CONFIG_FILE = "config.json"
@@ -51,6 +52,15 @@ def config_differences(saved: dict, requested: dict) -> list[str]:
             for name in sorted(set(saved) | set(requested)) if saved.get(name) != requested.get(name)]
 
 
+def _with_defaults(saved_model: dict) -> dict:
+    """A saved model config with the defaults of fields added since it was written (as is if it no
+    longer parses: the comparison then lists what differs)."""
+    try:
+        return ModelConfig.from_dict(saved_model).to_dict()
+    except (TypeError, ValueError):
+        return saved_model
+
+
 def check_run_dir(run_dir: str, model_config: dict, *, resume: bool, fresh: bool) -> str:
     """Decides what the run does with ``run_dir``: ``"new"``, ``"resume"`` or ``"fresh"``.
 
@@ -74,7 +84,7 @@ def check_run_dir(run_dir: str, model_config: dict, *, resume: bool, fresh: bool
         from train.checkpoint import Checkpointer  # noqa: PLC0415
 
         saved = Checkpointer(run_dir).configs(step)
-    differences = config_differences(saved.get("model", {}), model_config)
+    differences = config_differences(_with_defaults(saved.get("model", {})), model_config)
     if differences:
         raise RunDirError(f"--output-dir {run_dir!r} holds a run of a different model config; nothing was changed. "
                           f"Differences (saved -> requested): {'; '.join(differences)}. Pass --fresh to overwrite it "

@@ -100,6 +100,17 @@ def test_a_window_covering_the_sequence_equals_full_causal_attention():
     np.testing.assert_allclose(float(full_out.metrics["attention_density"]), (16 + 1) / (2 * 16), rtol=1e-6)
 
 
+def test_without_rotary_logits_depend_on_order_only_through_causality():
+    model = Transformer(ModelConfig(**{**SMALL, "num_layers": 1}, ffn_dim=48, rope_theta=None), rngs=nnx.Rngs(0))
+    tokens = _tokens()
+    logits = np.asarray(_forward(model, tokens).logits)
+    # One layer, no positions: the last query attends to a set of embedded tokens, so permuting the
+    # earlier tokens leaves its logits alone (with rotary, or a second layer, it would not).
+    shuffled = tokens.at[:, :-1].set(tokens[:, :-1][:, ::-1])
+    np.testing.assert_allclose(np.asarray(_forward(model, shuffled).logits)[:, -1], logits[:, -1], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(logits[:, 0], logits[:, -1])
+
+
 @pytest.mark.parametrize(
     "attention, reach",
     [
