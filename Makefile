@@ -27,6 +27,8 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.activation_sparsity
 	$(BIN)/python -m benchmarks.moe
 	$(BIN)/python -m benchmarks.kv_selection
+	$(BIN)/python -m benchmarks.parallel
+	$(BIN)/python -m train.eval
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
