@@ -5,9 +5,10 @@ from __future__ import annotations
 import datetime
 import pathlib
 import platform
-import re
 
 import jax
+
+from train.markdown_sections import replace_section
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
@@ -36,19 +37,9 @@ def has_section(name: str) -> bool:
 
 
 def write_section(name: str, body: str, *, title: str) -> None:
-    """Replaces the ``name`` section of BENCHMARKS.md (between markers), keeping the others.
-
-    A new section is appended under ``## title`` (unless that heading already exists).
-    """
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else _HEADER
-    block = f"{begin}\n{body}\n{end}"
-    if begin in text:
-        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        heading = f"## {title}"
-        text = text.rstrip() + ("\n\n" if heading in text else f"\n\n{heading}\n\n") + block + "\n"
-    BENCHMARKS_MD.write_text(text)
+    """Replaces the ``name`` section of BENCHMARKS.md (between markers), keeping the others; a new
+    section is appended under ``## title``."""
+    replace_section(BENCHMARKS_MD, name, body, title=title, header=_HEADER)
 
 
 def write_gpu_placeholder(name: str, *, title: str, how: str) -> None:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import datetime
 import pathlib
 import platform
-import re
 
 import jax
 
 from train.eval.harness import EvalResult
 from train.eval.settings import describe_layout
+from train.markdown_sections import replace_section
 
 BENCHMARKS_MD = pathlib.Path(__file__).resolve().parents[2] / "BENCHMARKS.md"
 SECTION = "eval-cpu"
@@ -76,17 +76,5 @@ def format_markdown(result: EvalResult) -> str:
 
 def write_section(markdown: str, *, path: pathlib.Path = BENCHMARKS_MD, name: str = SECTION,
                   title: str = TITLE) -> None:
-    """Replaces the ``name`` section of ``path`` (between its markers), keeping the rest of the file.
-
-    A missing section is appended under ``## title`` (unless that heading already exists); a missing
-    file is created with a ``# Benchmarks`` heading.
-    """
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{begin}\n{markdown}\n{end}"
-    if begin in text:
-        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        heading = f"## {title}"
-        text = text.rstrip() + ("\n\n" if heading in text else f"\n\n{heading}\n\n") + block + "\n"
-    path.write_text(text)
+    """Replaces the ``name`` section of ``path`` (between its markers), keeping the rest of the file."""
+    replace_section(path, name, markdown, title=title, header="# Benchmarks\n")
