@@ -19,7 +19,7 @@ test: $(STAMP)
 # The main job: Spark Transformer (spark-tiny) pretraining on the embedded stdlib corpus, then its
 # dense twin on the same data; ends with a report (losses, sparsity, checkpoint and plot paths).
 train: $(STAMP)
-	$(BIN)/python -m train --preset spark-tiny --compare-dense
+	$(BIN)/python -m train --preset spark-tiny --steps 500 --compare-dense
 
 # Regenerates BENCHMARKS.md (CPU part; add --gpu on a machine with an H100).
 bench: $(STAMP)
