@@ -11,10 +11,12 @@ from flax import nnx
 
 from jaxsparse import metrics as sparsity_metrics
 from jaxsparse.nn.parameters import logical_axes
+from jaxsparse.parallel.sharding import with_logical_constraint
 from models.attention_layout import document_starts, visible_share
 from models.block import Block, rms_norm
 from models.config import ModelConfig
 
+ACTIVATION_AXES = ("batch", "sequence", "embed")  # logical axes of the residual stream [B, T, M]
 CLS_CHUNK = 8  # the chunk length L of the "ffn_cls" metric (BlockFFN reports 8-token CLS)
 
 
@@ -125,11 +127,14 @@ class Transformer(nnx.Module):
         length = tokens.shape[1]
         starts = document_starts(segment_ids, length)
         positions = jnp.arange(length, dtype=jnp.int32) - starts if segment_ids is not None else jnp.arange(length)
-        x = self.embed_tokens(tokens)
+        # Under a mesh, activations are split by batch and by sequence (a no-op without one), so that
+        # a "sequence" mesh axis divides the whole block, not only attention (Ulysses inside).
+        x = with_logical_constraint(self.embed_tokens(tokens), ACTIVATION_AXES)
         run_block = _run_block if not config.remat else nnx.remat(_run_block)
         tls, cls, layer_aux = [], [], []
         for block in self.blocks:
             x, activity, aux = run_block(block, x, positions, segment_ids)
+            x = with_logical_constraint(x, ACTIVATION_AXES)
             tls.append(sparsity_metrics.token_level_sparsity(activity))
             cls.append(sparsity_metrics.chunk_level_sparsity(activity, CLS_CHUNK))
             layer_aux.append(aux)

@@ -68,7 +68,7 @@ def run(train_config: TrainConfig, model_config=None, *, log=None) -> dict:
         model_config = models.get_preset(train_config.preset)
     seq_len = resolve_seq_len(train_config, model_config)
     data = load_data(train_config, vocab_size=model_config.vocab_size, seq_len=seq_len)
-    build_mesh(train_config.mesh, train_config.batch_size)  # checks the mesh before anything is written
+    build_mesh(train_config.mesh, train_config.batch_size, seq_len)  # checks the mesh before anything is written
     run_dir = train_config.run_dir
     decision = run_files.check_run_dir(run_dir, model_config.to_dict(), resume=train_config.resume,
                                        fresh=train_config.fresh)
@@ -120,7 +120,7 @@ def _train(train_config: TrainConfig, model_config, data: TokenData, seq_len: in
     if decision == "fresh":
         run_files.clear_run(run_dir)
     previous = run_files.saved_configs(run_dir) if decision == "resume" else None
-    mesh = build_mesh(train_config.mesh, train_config.batch_size)
+    mesh = build_mesh(train_config.mesh, train_config.batch_size, seq_len)
     tx = make_optimizer(train_config)
     schedule = learning_rate_schedule(train_config)
     layout = state_layout(lambda: Transformer(model_config, rngs=nnx.Rngs(train_config.seed)), tx, mesh)

@@ -41,15 +41,16 @@ def parse_mesh(spec: str) -> dict[str, int] | None:
     return sizes
 
 
-def resolve_mesh_sizes(spec: str, device_count: int, batch_size: int) -> dict[str, int] | None:
+def resolve_mesh_sizes(spec: str, device_count: int, batch_size: int, seq_len: int | None = None) -> dict[str, int] | None:
     """The axis sizes to build for ``spec`` on ``device_count`` devices, checked against the batch.
 
     ``"auto"`` puts every device on ``data`` (None with one device); when the batch does not divide,
     it takes the largest device count that divides both, so the default always runs.
 
     Raises:
-      ValueError: the sizes do not multiply to the device count, or the batch is not a multiple of
-        ``data * fsdp`` (naming ``--mesh`` and ``--batch-size``).
+      ValueError: the sizes do not multiply to the device count, the batch is not a multiple of
+        ``data * fsdp`` or ``seq_len`` not a multiple of ``sequence`` (naming ``--mesh`` and
+        ``--batch-size`` / ``--seq-len``).
     """
     sizes = parse_mesh(spec)
     if sizes is None:
@@ -70,14 +71,18 @@ def resolve_mesh_sizes(spec: str, device_count: int, batch_size: int) -> dict[st
     batch_ways = sizes.get("data", 1) * sizes.get("fsdp", 1)
     if batch_size % batch_ways:
         raise ValueError(f"--batch-size {batch_size} must be a multiple of data * fsdp = {batch_ways} (--mesh {spec!r})")
+    sequence = sizes.get("sequence", 1)
+    if seq_len is not None and seq_len % sequence:
+        raise ValueError(f"--seq-len {seq_len} must be a multiple of the sequence axis {sequence} (--mesh {spec!r}): "
+                         "attention splits the sequence over it (Ulysses)")
     return sizes
 
 
-def build_mesh(spec: str, batch_size: int):
+def build_mesh(spec: str, batch_size: int, seq_len: int | None = None):
     """The ``jax.sharding.Mesh`` for ``spec`` (None for a single device), via jaxsparse's ``make_mesh``."""
     import jax  # noqa: PLC0415
 
-    sizes = resolve_mesh_sizes(spec, jax.device_count(), batch_size)
+    sizes = resolve_mesh_sizes(spec, jax.device_count(), batch_size, seq_len)
     if sizes is None:
         return None
     from jaxsparse.parallel.sharding import make_mesh  # noqa: PLC0415

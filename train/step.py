@@ -62,8 +62,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, sta
 
     if state_shardings is None:
         return jax.jit(step, donate_argnums=0)
-    return jax.jit(step, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
-                   donate_argnums=0)
+    return _under_mesh(jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                               out_shardings=(state_shardings, None), donate_argnums=0), batch_sharding.mesh)
 
 
 def make_eval_step(graphdef, *, state_shardings=None, batch_sharding=None):
@@ -77,4 +77,15 @@ def make_eval_step(graphdef, *, state_shardings=None, batch_sharding=None):
 
     if state_shardings is None:
         return jax.jit(eval_step)
-    return jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding))
+    return _under_mesh(jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding)), batch_sharding.mesh)
+
+
+def _under_mesh(step, mesh):
+    """``step`` traced and run with ``mesh`` active (``jax.set_mesh``), so that the model's activation
+    constraints and sequence-parallel attention see it."""
+
+    def run(*args):
+        with jax.set_mesh(mesh):
+            return step(*args)
+
+    return run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -11,6 +12,8 @@ from jaxsparse.nn.parameters import check_positive_int, check_positive_number, l
 from jaxsparse.nn.rotary import apply_rotary
 from jaxsparse.ops.attention import IMPLEMENTATIONS, BlockSizes, attention
 from jaxsparse.ops.decode_attention import decode_attention
+from jaxsparse.parallel.sharding import DEFAULT_RULES, logical_to_spec
+from jaxsparse.parallel.ulysses import ulysses_attention
 
 
 class Attention(nnx.Module):
@@ -66,6 +69,7 @@ class Attention(nnx.Module):
         implementation: str | None = None,
         block_sizes: BlockSizes | None = None,
         use_bias: bool = False,
+        sequence_axis: str | None = "sequence",
         dtype=None,
         param_dtype=jnp.float32,
         kernel_init=nnx.initializers.lecun_normal(),
@@ -88,6 +92,11 @@ class Attention(nnx.Module):
           implementation: the attention backend (see :func:`jaxsparse.attention`); None picks one.
           block_sizes: attention tile sizes; None picks them from the sequence length.
           use_bias: add biases to the four projections.
+          sequence_axis: the mesh axis that splits the sequence. Under an active mesh
+            (``jax.set_mesh``) where this axis has more than one device, attention runs as Ulysses
+            (:func:`~jaxsparse.parallel.ulysses_attention`: all-to-all from sequence to heads and
+            back, the batch split over the mesh axes of the ``"batch"`` sharding rule); otherwise,
+            or with None, on the local :func:`jaxsparse.attention`. The result is the same.
           dtype: computation dtype (e.g. ``jnp.bfloat16``); None promotes inputs and parameters.
           param_dtype: dtype of the parameters.
           kernel_init: initializer of the projection kernels, called with the flattened 2-D shape
@@ -136,6 +145,7 @@ class Attention(nnx.Module):
         self.scale = scale
         self.implementation = implementation
         self.block_sizes = block_sizes
+        self.sequence_axis = sequence_axis
 
         def projection(in_features, out_features, axis, in_names, out_names):
             return nnx.LinearGeneral(
@@ -191,22 +201,30 @@ class Attention(nnx.Module):
             k = apply_rotary(k, positions, theta=self.rope_theta)
         elif positions is not None:
             raise ValueError("positions are only used by rotary embeddings, which are off (rope_theta=None)")
-        result = attention(
-            q,
-            k,
-            v,
-            self.mask if mask is None else mask,
-            scale=self.scale,
-            softcap=self.softcap,
-            return_lse=return_lse,
-            implementation=self.implementation,
-            block_sizes=self.block_sizes,
-        )
+        mask = self.mask if mask is None else mask
+        mesh = self._sequence_mesh()
+        if mesh is not None:
+            if return_lse:
+                raise NotImplementedError("return_lse is not available with sequence parallelism (Ulysses)")
+            batch_axes = logical_to_spec(("batch",), DEFAULT_RULES, mesh)[0]
+            out = ulysses_attention(q, k, v, mask, mesh=mesh, axis_name=self.sequence_axis, batch_axis_name=batch_axes,
+                                    scale=self.scale, softcap=self.softcap, block_sizes=self.block_sizes,
+                                    implementation=self.implementation)
+            return self.out(out)
+        result = attention(q, k, v, mask, scale=self.scale, softcap=self.softcap, return_lse=return_lse,
+                           implementation=self.implementation, block_sizes=self.block_sizes)
         if return_lse:
             out, lse = result
             return self.out(out), lse
         return self.out(result)
 
+
+    def _sequence_mesh(self):
+        """The active mesh when it splits ``sequence_axis`` over more than one device, else None."""
+        mesh = jax.sharding.get_abstract_mesh()
+        if self.sequence_axis is None or mesh.empty or self.sequence_axis not in mesh.axis_names:
+            return None
+        return mesh if mesh.shape[self.sequence_axis] > 1 else None
 
     def decode(self, x, cache: KVCache, *, select=None, implementation: str | None = None):
         """Decodes ``Tq`` new tokens against a KV cache: project, rotate, append, select, attend.

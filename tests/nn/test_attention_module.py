@@ -231,6 +231,32 @@ def test_jitted_train_step_gives_finite_gradients():
         assert np.abs(np.asarray(leaf)).max() > 0
 
 
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+def test_sequence_axis_of_the_active_mesh_runs_ulysses_with_the_same_result():
+    from jaxsparse.parallel import make_mesh
+
+    layer = Attention(32, 4, num_kv_heads=2, mask=masks.causal() & masks.sliding_window(5), rngs=nnx.Rngs(0))
+    x = random_normal(jax.random.key(1), (2, 16, 32))
+    weights = random_normal(jax.random.key(2), (2, 16, 32))
+
+    @nnx.jit
+    def loss_and_grad(layer, x):
+        return nnx.value_and_grad(lambda layer, x: jnp.sum(layer(x) * weights), argnums=(0, 1))(layer, x)
+
+    local_loss, (local_layer_grad, local_x_grad) = loss_and_grad(layer, x)
+    mesh = make_mesh(data=2, sequence=4)
+    with jax.set_mesh(mesh):
+        loss, (layer_grad, x_grad) = loss_and_grad(layer, x)
+        hlo = nnx.jit(lambda layer, x: layer(x)).lower(layer, x).as_text()
+    assert "all_to_all" in hlo or "all-to-all" in hlo, "attention did not run as Ulysses under the mesh"
+    assert_allclose(loss, local_loss, dtype=jnp.float32)
+    assert_allclose(x_grad, local_x_grad, dtype=jnp.float32)
+    for a, b in zip(jax.tree.leaves(nnx.state(layer_grad)), jax.tree.leaves(nnx.state(local_layer_grad))):
+        assert_allclose(a, b, dtype=jnp.float32, kind="gradient")
+    with jax.set_mesh(mesh), pytest.raises(NotImplementedError, match="return_lse"):
+        layer(x, return_lse=True)
+
+
 def test_parameters_carry_logical_axis_names():
     layer = Attention(MODEL_DIM, HEADS, num_kv_heads=2, use_bias=True, rngs=nnx.Rngs(0))
     specs = nnx.get_partition_spec(nnx.state(layer, nnx.Param))

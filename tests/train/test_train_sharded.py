@@ -1,4 +1,5 @@
-"""Sharded training on 8 fake CPU devices (data=2 x fsdp=4) takes the same steps as one device."""
+"""Sharded training on 8 fake CPU devices (data=2 x fsdp=4, and data=2 x sequence=4) takes the same
+steps as one device."""
 
 import dataclasses
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import Transformer, get_preset
+from models import Transformer, attention_pattern, get_preset
 from train import TrainConfig, run
 from train.checkpoint import Checkpointer
 from train.mesh import build_mesh, resolve_mesh_sizes
@@ -48,6 +49,19 @@ def test_data_fsdp_sharded_run_matches_the_single_device_run(tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+def test_sequence_parallel_run_matches_the_single_device_run(tmp_path):
+    """data=2 x sequence=4: the residual stream is split by sequence and attention runs as Ulysses."""
+    model = dataclasses.replace(get_preset("spark-tiny"), num_layers=2,
+                                attention=attention_pattern(2, full_every=2, window=8, sinks=2))
+    quiet = {"log": lambda message: None}
+    single = run(config(tmp_path / "single", "none"), model, **quiet)
+    sharded = run(config(tmp_path / "sequence", "data=2,sequence=4"), model, **quiet)
+    assert sharded["mesh"] == "data=2 x sequence=4"
+    np.testing.assert_allclose(sharded["final_loss"], single["final_loss"], rtol=1e-5)
+    np.testing.assert_allclose(sharded["final_eval_loss"], single["final_eval_loss"], rtol=1e-5)
+
+
 def test_mesh_sizes():
     assert resolve_mesh_sizes("auto", 1, 8) is None
     assert resolve_mesh_sizes("auto", 8, 8) == {"data": 8}
@@ -58,3 +72,5 @@ def test_mesh_sizes():
         resolve_mesh_sizes("fsdp=4", 8, 6)
     with pytest.raises(ValueError, match="needs 16 devices"):
         resolve_mesh_sizes("data=16", 8, 16)
+    with pytest.raises(ValueError, match="--seq-len 30 must be a multiple of the sequence axis 4"):
+        resolve_mesh_sizes("data=2,sequence=4", 8, 8, seq_len=30)
