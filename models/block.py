@@ -76,12 +76,14 @@ class Block(nnx.Module):
         y, activity, aux = apply_ffn(self.ffn, self.ffn_norm(x), segment_ids=segment_ids)
         return self._ffn_residual(x, y), activity, aux
 
-    def prefill(self, x, cache: KVCache):
+    def prefill(self, x, cache: KVCache, *, fill=None):
         """The forward over a prompt that also fills ``cache`` with its rotated keys and values.
 
         Args:
           x: ``[B, P, M]``, positions ``0 .. P - 1``.
-          cache: this layer's empty cache (capacity ``>= P``).
+          cache: this layer's empty cache (capacity ``>= P``, or an evicting cache).
+          fill: ``fill(cache, keys, values) -> cache`` with keys and values ``[B, P, K, D]``;
+            default ``cache.prefill``.
 
         Returns:
           ``(x [B, P, M], cache)``.
@@ -90,21 +92,22 @@ class Block(nnx.Module):
         keys, values = self.attention.key(hidden), self.attention.value(hidden)
         if self.attention.rope_theta is not None:
             keys = nn.apply_rotary(keys, jnp.arange(x.shape[1]), theta=self.attention.rope_theta)
-        cache = cache.prefill(keys, values)
+        cache = cache.prefill(keys, values) if fill is None else fill(cache, keys, values)
         x = self._attention_residual(x, self.attention(hidden))
         return self._ffn_residual(x, self.ffn(self.ffn_norm(x))), cache
 
-    def decode(self, x, cache: KVCache, *, select=None):
+    def decode(self, x, cache: KVCache, *, select=None, append=None):
         """One decode step: attend over ``cache`` (what ``select(q, cache)`` picks), then the FFN.
 
         Args:
           x: ``[B, 1, M]``.
           cache: this layer's cache.
           select: the selection policy of ``nn.Attention.decode`` or None (the whole cache).
+          append: the eviction policy of ``nn.Attention.decode`` for an evicting cache, or None.
 
         Returns:
           ``(x [B, 1, M], cache)``.
         """
-        attended, cache = self.attention.decode(self.attention_norm(x), cache, select=select)
+        attended, cache = self.attention.decode(self.attention_norm(x), cache, select=select, append=append)
         x = self._attention_residual(x, attended)
         return self._ffn_residual(x, self.ffn(self.ffn_norm(x))), cache

@@ -6,7 +6,12 @@ A policy is a frozen (hashable) dataclass with a small pure protocol:
 - ``capacity_multiple``: the cache capacity must be a multiple of it (Quest pages);
 - ``init_state(cache, num_heads)``: the policy's state after prefill (a pytree, or None);
 - ``select(q, cache, state) -> (selection or None, state)``: called by ``nn.Attention.decode`` after
-  the new keys are appended (None reads the whole cache).
+  the new keys are appended (None reads the whole cache);
+- ``make_cache(batch, capacity, kv_heads, head_dim, dtype)``, ``fill(cache, keys, values)`` (the
+  prompt's rotated keys and values ``[B, P, K, D]``) and ``append`` (None, or how a new token enters
+  an evicting cache): the cache a layer keeps. Selection policies keep the whole
+  :class:`~jaxsparse.kv.KVCache` (:class:`KeepsWholeCache`); :class:`StreamingLLM` keeps only
+  ``budget`` slots per head (:class:`~jaxsparse.kv.EvictedKVCache`).
 
 Policies apply to full-attention layers; sliding-window layers always read their trained pattern,
 the sinks and the last ``window`` positions (:class:`SlidingWindow`).
@@ -16,16 +21,34 @@ from __future__ import annotations
 
 import dataclasses
 
+import functools
+
+import jax
+import jax.numpy as jnp
+
 from jaxsparse.kv import selection as kv_selection
-from jaxsparse.kv import KVCache
+from jaxsparse.kv import EvictedKVCache, KVCache, streaming_llm_append
 from models.config import LayerAttention, ModelConfig
 
-POLICY_NAMES = (None, "top_k", "quest", "token_select")
+POLICY_NAMES = (None, "top_k", "quest", "token_select", "streaming_llm")
 QUEST_PAGE_SIZE = 16
+STREAMING_SINKS = 4
+
+
+class KeepsWholeCache:
+    """The cache of a selection policy: every position, in a :class:`~jaxsparse.kv.KVCache`."""
+
+    append = None
+
+    def make_cache(self, batch: int, capacity: int, kv_heads: int, head_dim: int, dtype):
+        return KVCache.create(batch, capacity, kv_heads, head_dim, dtype, score_dims=self.cache_score_dims)
+
+    def fill(self, cache, keys, values):
+        return cache.prefill(keys, values)
 
 
 @dataclasses.dataclass(frozen=True)
-class FullCache:
+class FullCache(KeepsWholeCache):
     """Every cached key (dense decode)."""
 
     cache_score_dims = None
@@ -39,7 +62,7 @@ class FullCache:
 
 
 @dataclasses.dataclass(frozen=True)
-class TopKKeys:
+class TopKKeys(KeepsWholeCache):
     """Spark attention at decode: the ``k`` keys of largest low-rank score per kv head
     (:func:`jaxsparse.kv.selection.top_k_keys`; ``k`` is capped at the cache capacity, so
     ``k >= capacity`` is exact dense decode).
@@ -67,7 +90,7 @@ class TopKKeys:
 
 
 @dataclasses.dataclass(frozen=True)
-class QuestPages:
+class QuestPages(KeepsWholeCache):
     """Quest: the ``num_pages`` pages of largest key-bound score (:func:`jaxsparse.kv.selection.quest_pages`),
     with the page bounds kept up to date incrementally as the state.
 
@@ -94,7 +117,7 @@ class QuestPages:
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenSelect:
+class TokenSelect(KeepsWholeCache):
     """TokenSelect: top-k tokens by a soft vote of all heads, plus sinks and recent tokens, reused
     while the query stays similar (:func:`jaxsparse.kv.selection.token_select`).
 
@@ -129,7 +152,7 @@ class TokenSelect:
 
 
 @dataclasses.dataclass(frozen=True)
-class SlidingWindow:
+class SlidingWindow(KeepsWholeCache):
     """A sliding-window layer's pattern at decode: its sinks and its last ``window`` positions (the
     query's own included; :func:`jaxsparse.kv.selection.window_selection` with ``window - 1`` keys before it)."""
 
@@ -145,19 +168,61 @@ class SlidingWindow:
         return kv_selection.window_selection(q, cache, window=self.window - 1, sinks=self.sinks), state
 
 
+@dataclasses.dataclass(frozen=True)
+class StreamingLLM:
+    """StreamingLLM eviction: each full-attention layer keeps ``budget`` slots per kv head, the
+    first ``sinks`` tokens and the most recent others (:func:`jaxsparse.kv.streaming_llm_append`),
+    so its cache memory is ``budget`` positions whatever the sequence length. Keys keep the rotary
+    phase of their absolute position.
+
+    Attributes:
+      budget: slots per kv head (capped at the generation length, where nothing is evicted).
+      sinks: leading tokens that are never evicted, ``< budget``.
+    """
+
+    budget: int
+    sinks: int = STREAMING_SINKS
+    cache_score_dims = None
+    capacity_multiple = 1
+
+    def make_cache(self, batch: int, capacity: int, kv_heads: int, head_dim: int, dtype):
+        if not self.sinks < min(self.budget, capacity):
+            raise ValueError(f"StreamingLLM: sinks = {self.sinks} must be below the budget {min(self.budget, capacity)}")
+        return EvictedKVCache.create(batch, min(self.budget, capacity), kv_heads, head_dim, dtype)
+
+    def fill(self, cache: EvictedKVCache, keys, values):
+        """The prompt enters token by token, as it would have been decoded."""
+        def step(cache, token):
+            return streaming_llm_append(cache, *token, sinks=self.sinks), None
+
+        cache, _ = jax.lax.scan(step, cache, (jnp.swapaxes(keys, 0, 1), jnp.swapaxes(values, 0, 1)))
+        return cache
+
+    @property
+    def append(self):
+        return functools.partial(streaming_llm_append, sinks=self.sinks)
+
+    def init_state(self, cache, num_heads: int):
+        return None
+
+    def select(self, q, cache, state):
+        return None, state
+
+
 def resolve_policy(policy, config: ModelConfig):
     """The policy object for ``policy``: None (full cache), a name of :data:`POLICY_NAMES`, or a policy.
 
     Names take their budget from the config: ``"top_k"`` keeps ``decode_keys`` keys scored on
     ``score_dims`` dims; ``"quest"`` reads ``decode_keys // 16`` pages of 16; ``"token_select"``
-    votes ``decode_keys`` tokens (plus 4 sinks and 16 recent).
+    votes ``decode_keys`` tokens (plus 4 sinks and 16 recent); ``"streaming_llm"`` keeps
+    ``decode_keys`` slots per head (4 of them sinks) and evicts the rest.
 
     Raises:
       ValueError: an unknown name, or a name that needs ``config.decode_keys`` when it is None.
     """
     if policy is None:
         return FullCache()
-    if isinstance(policy, (FullCache, TopKKeys, QuestPages, TokenSelect)):
+    if isinstance(policy, (FullCache, TopKKeys, QuestPages, TokenSelect, StreamingLLM)):
         return policy
     if policy not in POLICY_NAMES:
         raise ValueError(f"policy must be one of {POLICY_NAMES} or a policy object, got {policy!r}")
@@ -167,6 +232,8 @@ def resolve_policy(policy, config: ModelConfig):
         return TopKKeys(config.decode_keys, config.score_dims)
     if policy == "quest":
         return QuestPages(max(1, config.decode_keys // QUEST_PAGE_SIZE))
+    if policy == "streaming_llm":
+        return StreamingLLM(config.decode_keys)
     return TokenSelect(config.decode_keys)
 
 

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsparse.kv import KVCache
 from models.decode_policy import layer_policy, resolve_policy
 from models.transformer import Transformer
 
@@ -32,9 +31,10 @@ def generate(model: Transformer, prompt_tokens, *, max_new_tokens: int, policy=N
       model: a :class:`~models.transformer.Transformer`.
       prompt_tokens: int ``[B, P]``, ``P >= 1`` (no padding: every prompt has length P).
       max_new_tokens: new tokens per sequence, ``>= 0``.
-      policy: KV selection of the full-attention layers: None (the whole cache), ``"top_k"``
-        (Spark attention: ``config.decode_keys`` keys scored on ``config.score_dims`` dims),
-        ``"quest"``, ``"token_select"``, or a policy object of :mod:`models.decode_policy`.
+      policy: KV selection or eviction of the full-attention layers: None (the whole cache),
+        ``"top_k"`` (Spark attention: ``config.decode_keys`` keys scored on ``config.score_dims``
+        dims), ``"quest"``, ``"token_select"``, ``"streaming_llm"`` (eviction: each full layer keeps
+        ``config.decode_keys`` slots per head), or a policy object of :mod:`models.decode_policy`.
       temperature: 0 for greedy (argmax); > 0 samples from ``softmax(logits / temperature)``.
       rng: a PRNG key, needed when ``temperature > 0``.
       capacity: positions per cache, at least ``P + max_new_tokens`` (the default, rounded up to
@@ -96,9 +96,8 @@ def _generate(graphdef, state, prompt, keys, *, policies, max_new_tokens: int, t
     x = model.embed_tokens(prompt)
     caches, states = [], []
     for block, policy in zip(model.blocks, policies):
-        cache = KVCache.create(batch, capacity, config.num_kv_heads, config.head_dim, dtype,
-                               score_dims=policy.cache_score_dims)
-        x, cache = block.prefill(x, cache)
+        cache = policy.make_cache(batch, capacity, config.num_kv_heads, config.head_dim, dtype)
+        x, cache = block.prefill(x, cache, fill=policy.fill)
         caches.append(cache)
         states.append(policy.init_state(cache, config.num_heads))
     first = _sample(model.output_logits(x[:, -1:])[:, 0], None if keys is None else keys[0], temperature)
@@ -109,13 +108,13 @@ def _generate(graphdef, state, prompt, keys, *, policies, max_new_tokens: int, t
         x = step_model.embed_tokens(token[:, None])
         new_caches, new_states = [], []
         for block, policy, cache, policy_state in zip(step_model.blocks, policies, caches, states):
-            updated = {}
+            updated = {"state": policy_state}  # select() replaces it; evicting caches never select
 
             def select(q, cache, policy=policy, policy_state=policy_state, updated=updated):
                 chosen, updated["state"] = policy.select(q, cache, policy_state)
                 return chosen
 
-            x, cache = block.decode(x, cache, select=select)
+            x, cache = block.decode(x, cache, select=select, append=policy.append)
             new_caches.append(cache)
             new_states.append(updated["state"])
         token = _sample(step_model.output_logits(x)[:, 0], key, temperature)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsparse.kv.cache import KVCache
+from jaxsparse.kv.eviction import EvictedKVCache, evicted_decode_attention
 from jaxsparse.masks import BlockMask, Mask
 from jaxsparse.nn.parameters import check_positive_int, check_positive_number, logical_axes
 from jaxsparse.nn.rotary import apply_rotary
@@ -218,7 +219,6 @@ class Attention(nnx.Module):
             return self.out(out), lse
         return self.out(result)
 
-
     def _sequence_mesh(self):
         """The active mesh when it splits ``sequence_axis`` over more than one device, else None."""
         mesh = jax.sharding.get_abstract_mesh()
@@ -226,7 +226,8 @@ class Attention(nnx.Module):
             return None
         return mesh if mesh.shape[self.sequence_axis] > 1 else None
 
-    def decode(self, x, cache: KVCache, *, select=None, implementation: str | None = None):
+    def decode(self, x, cache: KVCache | EvictedKVCache, *, select=None, append=None,
+               implementation: str | None = None):
         """Decodes ``Tq`` new tokens against a KV cache: project, rotate, append, select, attend.
 
         The new tokens sit at positions ``cache.lengths + arange(Tq)``; their keys and values are
@@ -236,9 +237,14 @@ class Attention(nnx.Module):
 
         Args:
           x: ``[B, Tq, M]``.
-          cache: this layer's :class:`~jaxsparse.kv.KVCache` (``K`` kv heads, ``D`` head dim).
+          cache: this layer's :class:`~jaxsparse.kv.KVCache`, or an
+            :class:`~jaxsparse.kv.EvictedKVCache` (one token at a time, ``Tq == 1``), with ``K`` kv
+            heads of ``D`` dims.
           select: optional policy ``select(q [B, Tq, H, D], cache) -> BlockSelection |
             PositionSelection`` (e.g. ``functools.partial(jaxsparse.kv.selection.top_k_keys, k=256)``).
+          append: for an evicted cache, the eviction policy ``append(cache, keys [B, K, D], values)
+            -> cache`` (e.g. ``functools.partial(jaxsparse.kv.streaming_llm_append, sinks=4)``); the
+            query then attends to the kept slots, the new token included.
           implementation: the decode-attention backend (see :func:`jaxsparse.ops.decode_attention.decode_attention`).
 
         Returns:
@@ -246,14 +252,22 @@ class Attention(nnx.Module):
         """
         if not hasattr(x, "ndim") or x.ndim != 3 or x.shape[-1] != self.model_dim:
             raise ValueError(f"x must have shape [B, Tq, M={self.model_dim}], got {getattr(x, 'shape', None)}")
-        if cache.kv_heads != self.num_kv_heads or cache.head_dim != self.head_dim:
-            raise ValueError(f"the cache has K={cache.kv_heads}, D={cache.head_dim}; this layer needs "
+        evicted = isinstance(cache, EvictedKVCache)
+        kv_heads, head_dim = cache.keys.shape[1], cache.keys.shape[3]
+        if kv_heads != self.num_kv_heads or head_dim != self.head_dim:
+            raise ValueError(f"the cache has K={kv_heads}, D={head_dim}; this layer needs "
                              f"K={self.num_kv_heads}, D={self.head_dim}")
+        if evicted and (append is None or x.shape[1] != 1):
+            raise ValueError("an EvictedKVCache decodes one token at a time (Tq = 1) and needs append= (its policy)")
         q, k, v = self.query(x), self.key(x), self.value(x)
         if self.rope_theta is not None:
             positions = cache.lengths[:, None] + jnp.arange(x.shape[1])
             q = apply_rotary(q, positions, theta=self.rope_theta)
             k = apply_rotary(k, positions, theta=self.rope_theta)
+        if evicted:
+            cache = append(cache, k[:, 0], v[:, 0])
+            out, _ = evicted_decode_attention(q, cache, scale=self.scale, softcap=self.softcap)
+            return self.out(out), cache
         cache = cache.append(k, v)
         selection = None if select is None else select(q, cache)
         out = decode_attention(q, cache, selection=selection, scale=self.scale, softcap=self.softcap,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import ModelConfig, Transformer, attention_pattern, generate, get_preset
-from models.decode_policy import QuestPages, TokenSelect, TopKKeys
+from models import LayerAttention, ModelConfig, Transformer, attention_pattern, generate, get_preset
+from models.decode_policy import QuestPages, StreamingLLM, TokenSelect, TopKKeys
 
 SMALL = dict(vocab_size=64, model_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_seq_len=32)
 PROMPT, NEW, CAPACITY = 5, 9, 16
@@ -50,8 +50,8 @@ def test_greedy_equals_full_forward_argmax(ffn):
     _assert_greedy_matches_forward(model, tokens)
 
 
-@pytest.mark.parametrize("policy", [None, "top_k", "quest", TokenSelect(k=16, sinks=2, recent=4)],
-                         ids=["full", "top_k", "quest", "token_select"])
+@pytest.mark.parametrize("policy", [None, "top_k", "quest", TokenSelect(k=16, sinks=2, recent=4), "streaming_llm"],
+                         ids=["full", "top_k", "quest", "token_select", "streaming_llm"])
 def test_spark_with_windows_greedy_equals_full_forward_argmax(policy):
     """Sliding-window layers (window 4 + 2 sinks, shorter than the sequence) read their window at
     decode; the full layer's policy has a budget >= the cache, so its selection is exact."""
@@ -61,6 +61,17 @@ def test_spark_with_windows_greedy_equals_full_forward_argmax(policy):
     model = _sharpened(config)
     tokens = generate(model, _prompt(), max_new_tokens=NEW, policy=policy, capacity=CAPACITY)
     _assert_greedy_matches_forward(model, tokens)
+
+
+def test_streaming_llm_eviction_equals_a_sinks_and_window_layer():
+    """Full layers that keep 2 sinks + the 4 latest tokens (evicting the rest) decode exactly like
+    layers trained with a window of 4 and 2 sinks (the 5-token prompt fits both, so the prefills agree)."""
+    full = ModelConfig(**SMALL, ffn="dense", ffn_dim=48)
+    windowed = dataclasses.replace(full, attention=LayerAttention(kind="sliding_window", window=4, sinks=2))
+    evicting = generate(_sharpened(full), _prompt(), max_new_tokens=NEW, policy=StreamingLLM(budget=6, sinks=2))
+    np.testing.assert_array_equal(np.asarray(evicting), np.asarray(generate(_sharpened(windowed), _prompt(),
+                                                                             max_new_tokens=NEW)))
+    assert not np.array_equal(np.asarray(evicting), np.asarray(generate(_sharpened(full), _prompt(), max_new_tokens=NEW)))
 
 
 def test_tiny_spark_preset_runs_top_k_under_jit():
