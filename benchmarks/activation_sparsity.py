@@ -19,7 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.report import cpu_heading, gpu_heading, markdown_table, write_gpu_placeholder, write_section
+from train.benchmarks_md import (
+    cpu_heading,
+    gpu_heading,
+    markdown_table,
+    require_gpu,
+    write_gpu_placeholder,
+    write_section,
+)
 from jaxsparse import ActiveNeurons, sparse_ffn, statistical_topk, topk_mask
 from jaxsparse.nn import SparkFFN
 from jaxsparse.testing import median_time
@@ -165,8 +172,7 @@ def main(argv=None):
     parser.add_argument("--gpu", action="store_true", help="GPU decode table (needs a GPU)")
     args = parser.parse_args(argv)
     if args.gpu:
-        if jax.default_backend() != "gpu":
-            raise SystemExit("--gpu needs a GPU; this machine runs jax on " + jax.default_backend())
+        require_gpu()
         rows = decode_rows([1, 8, 16, 32, 64], repeats=20, dtype=jnp.bfloat16, implementation="pallas_gpu")
         write_section("activation-gpu", gpu_markdown([r for r in rows if r["sets"] == "per token"]), title=TITLE)
         return

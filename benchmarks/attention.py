@@ -19,7 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsparse import BlockSizes, attention, make_block_mask, masks
-from benchmarks.report import BENCHMARKS_MD, cpu_heading, gpu_heading, write_gpu_placeholder, write_section
+from train.benchmarks_md import (
+    BENCHMARKS_MD,
+    cpu_heading,
+    gpu_heading,
+    require_gpu,
+    write_gpu_placeholder,
+    write_section,
+)
 from jaxsparse.testing import median_time
 
 TITLE = "Attention (`python -m benchmarks.attention`)"
@@ -197,8 +204,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.gpu:
-        if jax.default_backend() != "gpu":
-            raise SystemExit("--gpu needs a GPU; this machine runs jax on " + jax.default_backend())
+        require_gpu()
         rows = gpu_rows([8192, 32768], heads=16, head_dim=128, repeats=10)
         write_section("attention-gpu", gpu_markdown(rows, 16, 128), title=TITLE)
         return

@@ -15,7 +15,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from benchmarks.report import cpu_heading, markdown_table, write_gpu_placeholder, write_section
+from train.benchmarks_md import cpu_heading, markdown_table, write_gpu_placeholder, write_section
 from jaxsparse.kv import EvictedKVCache, KVCache
 from jaxsparse.kv.selection import attention_mass_recall, top_k_keys
 from jaxsparse.ops.decode_attention import decode_attention

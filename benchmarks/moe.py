@@ -17,7 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.report import cpu_heading, gpu_heading, markdown_table, write_gpu_placeholder, write_section
+from train.benchmarks_md import (
+    cpu_heading,
+    gpu_heading,
+    markdown_table,
+    require_gpu,
+    write_gpu_placeholder,
+    write_section,
+)
 from jaxsparse.nn import BlockFFN, MoE
 from jaxsparse.ops.grouped_matmul import grouped_matmul
 from jaxsparse.testing import median_time
@@ -122,8 +129,7 @@ def main(argv=None):
     parser.add_argument("--gpu", action="store_true", help="GPU grouped matmul table (needs a GPU)")
     args = parser.parse_args(argv)
     if args.gpu:
-        if jax.default_backend() != "gpu":
-            raise SystemExit("--gpu needs a GPU; this machine runs jax on " + jax.default_backend())
+        require_gpu()
         rows = grouped_matmul_rows(16384, 4096, [8, 16, 64], 10, jnp.bfloat16, "pallas_gpu")
         write_section("moe-gpu", gpu_markdown(rows, 16384, 4096), title=TITLE)
         return

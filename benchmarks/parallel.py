@@ -28,7 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.report import cpu_heading, markdown_table, write_section  # noqa: E402
+from train.benchmarks_md import cpu_heading, markdown_table, write_section  # noqa: E402
 from jaxsparse import BlockSizes, attention, make_block_mask, masks  # noqa: E402
 from jaxsparse.parallel.layouts import KINDS, SequenceLayout  # noqa: E402
 from jaxsparse.parallel.ring_attention import ring_attention, ring_plan  # noqa: E402

@@ -1,23 +1,15 @@
-"""The evaluation table as markdown, and its section of BENCHMARKS.md.
-
-``train`` may not import ``benchmarks`` (it sits above ``train`` in the layering of DESIGN.md), so
-the section is written here with the same markers as ``benchmarks.report.write_section``:
-``<!-- name:begin -->`` ... ``<!-- name:end -->`` under a ``## title`` heading.
-"""
+"""The evaluation table as markdown, and its section of BENCHMARKS.md (through :mod:`train.benchmarks_md`,
+the writer the benchmark scripts use)."""
 
 from __future__ import annotations
 
-import datetime
 import pathlib
-import platform
 
-import jax
-
+from train import benchmarks_md
+from train.benchmarks_md import BENCHMARKS_MD, cpu_heading, markdown_table
 from train.eval.harness import EvalResult
 from train.eval.settings import describe_layout
-from train.markdown_sections import replace_section
 
-BENCHMARKS_MD = pathlib.Path(__file__).resolve().parents[2] / "BENCHMARKS.md"
 SECTION = "eval-cpu"
 TITLE = "Long-context evaluation (`python -m train.eval`)"
 LOSS_WORDS = {"all": "every token", "answers": "the supervised tokens (answers, MQAR values, copies)"}
@@ -34,13 +26,13 @@ def format_markdown(result: EvalResult) -> str:
     tasks = [task.name for task in config.tasks]
     header = ["group", "setting", "prefill pairs (of causal)", "keys read / decode step", "FFN active",
               *tasks, "mean"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    table = []
     for row in result.rows:
         accuracy = [row.accuracy[name] for name in tasks]
-        cells = [GROUP_NAMES[row.setting.group], row.setting.label, _percent(row.attention_share),
-                 _percent(row.keys_share), _percent(row.ffn_active), *(f"{value:.2f}" for value in accuracy),
-                 f"{sum(accuracy) / len(accuracy):.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        table.append([GROUP_NAMES[row.setting.group], row.setting.label, _percent(row.attention_share),
+                      _percent(row.keys_share), _percent(row.ffn_active), *(f"{value:.2f}" for value in accuracy),
+                      f"{sum(accuracy) / len(accuracy):.2f}"])
+    lines = markdown_table(header, table, "ll" + "r" * (len(header) - 2))
     if result.restored_from is not None:
         training = f"restored from `{result.restored_from}` (not trained by this run)"
     else:
@@ -53,7 +45,7 @@ def format_markdown(result: EvalResult) -> str:
     task_lines = ", ".join(f"{task.name} (answer {task.answer_len} tokens)" for task in config.tasks)
     sparsity = f", ffn_sparsity {model.spark_sparsity:g}" if model.ffn == "spark" else ""
     notes = [
-        f"### CPU ({platform.processor() or platform.machine()}, {datetime.date.today()}, jax {jax.__version__})",
+        cpu_heading(),
         "",
         f"- model: `{result.preset}` ({model.ffn} FFN{sparsity}, {model.num_layers} layers, M = {model.model_dim}, "
         f"trained attention: {describe_layout(model.attention)}), byte tokens.",
@@ -76,5 +68,5 @@ def format_markdown(result: EvalResult) -> str:
 
 def write_section(markdown: str, *, path: pathlib.Path = BENCHMARKS_MD, name: str = SECTION,
                   title: str = TITLE) -> None:
-    """Replaces the ``name`` section of ``path`` (between its markers), keeping the rest of the file."""
-    replace_section(path, name, markdown, title=title, header="# Benchmarks\n")
+    """Replaces this table's section of ``path`` (between its markers), keeping the rest of the file."""
+    benchmarks_md.write_section(name, markdown, title=title, path=path)

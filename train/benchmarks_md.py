@@ -1,14 +1,17 @@
-"""Writing benchmark tables into their sections of BENCHMARKS.md (shared by the benchmark scripts)."""
+"""BENCHMARKS.md: its path, section headings, tables, and the marked sections that each script owns.
+
+Shared by the scripts in ``benchmarks/`` and by ``python -m train.eval``; it lives in ``train`` because
+``benchmarks`` may import ``train`` but not the reverse (the layering of ``tests/test_layering.py``).
+"""
 
 from __future__ import annotations
 
 import datetime
 import pathlib
 import platform
+import re
 
 import jax
-
-from train.markdown_sections import replace_section
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
@@ -36,10 +39,19 @@ def has_section(name: str) -> bool:
     return BENCHMARKS_MD.exists() and f"<!-- {name}:begin -->" in BENCHMARKS_MD.read_text()
 
 
-def write_section(name: str, body: str, *, title: str) -> None:
-    """Replaces the ``name`` section of BENCHMARKS.md (between markers), keeping the others; a new
-    section is appended under ``## title``."""
-    replace_section(BENCHMARKS_MD, name, body, title=title, header=_HEADER)
+def write_section(name: str, body: str, *, title: str, path: pathlib.Path = BENCHMARKS_MD) -> None:
+    """Replaces the ``name`` section of ``path`` (between ``<!-- name:begin -->`` and ``<!-- name:end
+    -->``), keeping the others; a missing section is appended under ``## title`` (unless that heading
+    already exists), a missing file is created."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = path.read_text() if path.exists() else _HEADER
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        heading = f"## {title}"
+        text = text.rstrip() + ("\n\n" if heading in text else f"\n\n{heading}\n\n") + block + "\n"
+    path.write_text(text)
 
 
 def write_gpu_placeholder(name: str, *, title: str, how: str) -> None:
@@ -50,3 +62,9 @@ def write_gpu_placeholder(name: str, *, title: str, how: str) -> None:
     body = (f"### GPU\n\nNot measured yet: no GPU was lent to the session that wrote this file "
             f"({datetime.date.today()}). {how}")
     write_section(name, body, title=title)
+
+
+def require_gpu() -> None:
+    """Exits with a message unless jax runs on a GPU (the scripts' ``--gpu`` tables)."""
+    if jax.default_backend() != "gpu":
+        raise SystemExit("--gpu needs a GPU; this machine runs jax on " + jax.default_backend())
