@@ -9,7 +9,9 @@ from jaxsparse.masks import BlockMask, make_block_mask
 from jaxsparse.metrics import activation_ratio, chunk_level_sparsity, token_level_sparsity
 from jaxsparse.ops.activations import calibrate_cats_threshold, cats, relu2, shifted_relu
 from jaxsparse.ops.attention import BlockSizes, attention
+from jaxsparse.ops.compaction import compact
 from jaxsparse.ops.sparse_ffn import ActiveNeurons, select_active_neurons, sparse_ffn, sparse_ffn_decode
+from jaxsparse.ops.top_k_positions import top_k_positions
 from jaxsparse.ops.topk import statistical_threshold, statistical_topk, topk_mask
 
 __version__ = "0.1.0"
@@ -23,6 +25,7 @@ __all__ = [
     "calibrate_cats_threshold",
     "cats",
     "chunk_level_sparsity",
+    "compact",
     "make_block_mask",
     "masks",
     "metrics",
@@ -35,5 +38,6 @@ __all__ = [
     "statistical_threshold",
     "statistical_topk",
     "token_level_sparsity",
+    "top_k_positions",
     "topk_mask",
 ]

@@ -19,7 +19,9 @@ from jax import lax
 from jaxsparse.kv.cache import KVCache
 from jaxsparse.kv.paged_cache import PagedKVCache
 from jaxsparse.ops.decode_attention.reference import visible_positions
+from jaxsparse.ops.compaction import compact
 from jaxsparse.ops.decode_attention.selection import BlockSelection, PositionSelection
+from jaxsparse.ops.top_k_positions import top_k_positions
 
 
 def _check_query(q, cache: KVCache):
@@ -36,20 +38,10 @@ def _check_budget(name: str, value: int, limit: int, what: str) -> None:
         raise ValueError(f"{name} must be an integer in [1, {limit}] ({what}), got {value!r}")
 
 
-def _top_positions(scores, valid, k: int, *, ascending: bool = False) -> PositionSelection:
-    """The k best valid positions of ``scores [B, K, S]``, counts = min(k, valid).
-
-    ``lax.top_k`` returns them by falling score, so the valid ones (finite scores) come first and
-    the padding (masked to -inf) after them, as selections need. ``ascending`` also sorts the listed
-    positions (block lists for the kernels); token positions stay in score order, saving a sort.
-    """
-    _, positions = lax.top_k(jnp.where(valid, scores, -jnp.inf), k)
-    counts = jnp.minimum(jnp.sum(valid, axis=-1), k).astype(jnp.int32)
-    if ascending:  # sort by (padding, position): listed positions first and ascending
-        listed = jnp.arange(k) < counts[..., None]
-        key = jnp.where(listed, positions, positions + scores.shape[-1])
-        positions = jnp.sort(key, axis=-1) % scores.shape[-1]
-    return PositionSelection(positions=positions.astype(jnp.int32), counts=counts)
+def _top_positions(scores, valid, k: int) -> PositionSelection:
+    """The k best valid positions of ``scores [B, K, S]``, ascending, counts = min(k, valid)."""
+    positions, counts = top_k_positions(scores, k, valid=valid)
+    return PositionSelection(positions=positions, counts=counts)
 
 
 def _causal_valid(cache: KVCache, kv_heads: int):
@@ -107,7 +99,8 @@ def top_k_keys(q, cache: KVCache, k: int, *, rank: int | None = None, method: st
       q: ``[B, Tq, H, D]``; cache: the layer's cache (new keys already appended).
       k: keys to keep, in ``[1, capacity]`` (Spark: <= 256).
       rank: ``r`` in ``[1, D]``.
-      method: ``"exact"`` (``lax.top_k``, a partial sort over the cache) or ``"statistical"``
+      method: ``"exact"`` (:func:`~jaxsparse.ops.top_k_positions.top_k_positions`: on CPU a
+        threshold and a compaction, elsewhere ``lax.top_k``) or ``"statistical"``
         (Spark's statistical top-k over the valid scores: keep scores above ``mean + std *
         ndtri(1 - k / length)``, a linear-time compaction into ``2 k`` slots; about k survive on
         Gaussian-like scores; if more than ``2 k`` survive, the exact top-2k is taken instead).
@@ -141,18 +134,13 @@ def _statistical_positions(scores, valid, k: int) -> PositionSelection:
     keep_share = jnp.clip(k / count, 1e-6, 1.0 - 1e-6)
     theta = mean + jnp.sqrt(variance) * jax.scipy.special.ndtri(1.0 - keep_share)
     survivors = valid & (scores > theta)
-    counts = jnp.sum(survivors, axis=-1).astype(jnp.int32)
-    compact = lambda row: jnp.nonzero(row, size=slots, fill_value=0)[0].astype(jnp.int32)  # noqa: E731
-    flat = survivors.reshape(-1, survivors.shape[-1])
+    compacted, counts = compact(survivors, slots)
 
     def exact():
         chosen = _top_positions(scores, valid, slots)
         return chosen.positions, chosen.counts
 
-    def compacted():
-        return jax.vmap(compact)(flat).reshape(*survivors.shape[:2], slots), counts
-
-    positions, counts = lax.cond(jnp.any(counts > slots), exact, compacted)
+    positions, counts = lax.cond(jnp.any(counts > slots), exact, lambda: (compacted, counts))
     return PositionSelection(positions=positions, counts=counts)
 
 
@@ -280,7 +268,7 @@ def quest_pages(q, summary: PageSummary, cache: KVCache | PagedKVCache, num_page
     bound = jnp.sum(jnp.maximum(lower, upper), axis=-1)
     score = jnp.sum(jnp.where(jnp.isfinite(bound), bound, 0.0), axis=(2, 3))  # [B, K, P]
     occupied = jnp.arange(total_pages) * summary.page_size < cache.lengths[:, None]
-    chosen = _top_positions(score, jnp.broadcast_to(occupied[:, None], score.shape), num_pages, ascending=True)
+    chosen = _top_positions(score, jnp.broadcast_to(occupied[:, None], score.shape), num_pages)
     return BlockSelection(indices=chosen.positions, counts=chosen.counts, block_size=summary.page_size)
 
 

@@ -8,6 +8,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxsparse.ops.compaction import compact
+from jaxsparse.ops.top_k_positions import top_k_positions
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -49,28 +52,15 @@ class ActiveNeurons:
         return jnp.zeros((self.num_groups, num_neurons), bool).at[rows, self.indices].max(self.valid())
 
 
-def _compact(active: jax.Array, k_max: int) -> jax.Array:
-    """The first ``k_max`` True positions of each row, ascending, padded with 0 (no sort)."""
-    return jax.vmap(lambda row: jnp.nonzero(row, size=k_max, fill_value=0)[0])(active).astype(jnp.int32)
-
-
-def _largest(priority: jax.Array, active: jax.Array, k_max: int) -> jax.Array:
-    """The (at most) ``k_max`` active positions of largest priority of each row, ascending, first."""
-    values, positions = lax.top_k(jnp.where(active, priority, -1.0), k_max)
-    neurons = priority.shape[-1]
-    # Sort key: chosen active positions first and ascending, then the inactive picks (padding).
-    keys = jnp.sort(jnp.where(values > 0, positions, positions + neurons), axis=-1)
-    return (keys % neurons).astype(jnp.int32)
-
-
 def select_active_neurons(activations, k_max: int, *, chunk: int = 1) -> ActiveNeurons:
     """The neurons with nonzero activation, per token or as a union per chunk of tokens.
 
     A neuron is active for a group when its activation is nonzero for at least one of the group's
     tokens. Overflow policy "keep the largest": a group with more than ``k_max`` active neurons keeps
     the ``k_max`` of largest ``max |activation|`` over its tokens, and reports the rest in
-    :attr:`ActiveNeurons.dropped`. Without overflow the selection is a linear-time compaction; the
-    partial sort (``lax.top_k``) runs only when some group overflows (``lax.cond``).
+    :attr:`ActiveNeurons.dropped`. Without overflow the selection is a compaction
+    (:func:`~jaxsparse.ops.compaction.compact`); the top-k selection runs only when some group
+    overflows (``lax.cond``).
 
     Args:
       activations: ``[N, F]`` gate activations (e.g. after statistical top-k or CATS), N tokens.
@@ -98,8 +88,8 @@ def select_active_neurons(activations, k_max: int, *, chunk: int = 1) -> ActiveN
     selected = jnp.sum(active, axis=-1, dtype=jnp.int32)
     indices = lax.cond(
         jnp.any(selected > k_max),
-        lambda: _largest(priority, active, k_max),
-        lambda: _compact(active, k_max),
+        lambda: top_k_positions(priority, k_max, valid=active)[0],  # the largest, ascending
+        lambda: compact(active, k_max)[0],
     )
     counts = jnp.minimum(selected, k_max)
     valid = jnp.arange(k_max, dtype=jnp.int32) < counts[:, None]

@@ -1,0 +1,109 @@
+"""Compaction: the positions of a boolean mask's True entries, listed in a fixed number of slots.
+
+``compact(mask, size)`` equals ``jnp.nonzero(row, size=size, fill_value=0)`` on every row of
+``mask``, with the row's count. It is built for XLA:CPU, where ``jnp.cumsum`` and ``jnp.nonzero``
+run element by element (1.3 ms and 1.9 ms on an ``[8, 32768]`` mask, 2 cores): the mask is packed
+into 32-bit words in one fused pass, the words' popcounts are prefix-summed with small triangular
+matmuls, each output slot finds its word by binary search and its bit by a five-step popcount
+search. The work after the packing pass grows with ``size`` and the word count, not the row length.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+WORD_BITS = 32
+_EXACT_LIMIT = 2**24  # float32 holds every integer below this, so the matmul prefix sums are exact
+
+
+def pack_bits(mask) -> jax.Array:
+    """Packs the last axis of ``mask`` into uint32 words: bit ``i`` of word ``w`` is entry ``32 w + i``.
+
+    Args:
+      mask: bool ``[..., n]``.
+
+    Returns:
+      uint32 ``[..., ceil(n / 32)]``; the bits past ``n`` are 0.
+    """
+    mask = jnp.asarray(mask, bool)
+    n = mask.shape[-1]
+    width = -(-n // WORD_BITS) * WORD_BITS
+    padded = jnp.pad(mask, [(0, 0)] * (mask.ndim - 1) + [(0, width - n)])
+    words = padded.reshape(*mask.shape[:-1], width // WORD_BITS, WORD_BITS)
+    bit_values = jnp.left_shift(jnp.uint32(1), jnp.arange(WORD_BITS, dtype=jnp.uint32))
+    return jnp.sum(jnp.where(words, bit_values, jnp.uint32(0)), axis=-1, dtype=jnp.uint32)
+
+
+def prefix_sum(counts) -> jax.Array:
+    """Inclusive prefix sum along the last axis: ``jnp.cumsum(counts, -1)`` through small matmuls.
+
+    Runs of 32 entries are summed with a ``[32, 32]`` triangular matmul (float32, highest
+    precision), and the run totals recursively the same way. Exact while every partial sum is
+    below ``2**24``, which holds for counts of positions in rows shorter than ``2**24 / 32``.
+
+    Args:
+      counts: non-negative integers ``[..., n]``.
+
+    Returns:
+      int32 ``[..., n]``.
+    """
+    counts = jnp.asarray(counts)
+    n = counts.shape[-1]
+    width = -(-n // WORD_BITS) * WORD_BITS
+    padded = jnp.pad(counts.astype(jnp.float32), [(0, 0)] * (counts.ndim - 1) + [(0, width - n)])
+    runs = padded.reshape(*counts.shape[:-1], width // WORD_BITS, WORD_BITS)
+    upper = jnp.triu(jnp.ones((WORD_BITS, WORD_BITS), jnp.float32))  # upper[i, j] = 1 for i <= j
+    within = jnp.matmul(runs, upper, precision=lax.Precision.HIGHEST).astype(jnp.int32)
+    if width > WORD_BITS:
+        totals = within[..., -1]
+        within = within + (prefix_sum(totals) - totals)[..., None]  # + everything in earlier runs
+    return within.reshape(*counts.shape[:-1], width)[..., :n]
+
+
+def _select_bit(words, rank):
+    """Index (0..31) of the ``rank``-th set bit (0-based) of each uint32 word: popcount binary search."""
+    index = jnp.zeros(rank.shape, jnp.uint32)
+    for step in (16, 8, 4, 2, 1):
+        trial = index + step
+        below = words & (jnp.left_shift(jnp.uint32(1), trial) - 1)  # the bits under ``trial`` (trial <= 31)
+        index = jnp.where(lax.population_count(below).astype(jnp.int32) <= rank, trial, index)
+    return index.astype(jnp.int32)
+
+
+def compact(mask, size: int):
+    """The first ``size`` True positions of each row of ``mask``, ascending, padded with 0.
+
+    Equals ``jnp.nonzero(row, size=size, fill_value=0)[0]`` per row (rows with more than ``size``
+    True entries keep their first ``size``), without a cumulative sum over the row.
+
+    Args:
+      mask: bool ``[..., n]``, ``n < 2**24``.
+      size: slots per row, ``>= 1`` (static).
+
+    Returns:
+      ``(positions, counts)``: int32 ``[..., size]`` and int32 ``[...]``, the row's True count
+      (which may exceed ``size``; ``min(counts, size)`` slots are filled).
+
+    Raises:
+      ValueError: ``size`` not a positive int, or rows of ``2**24`` entries or more.
+    """
+    mask = jnp.asarray(mask, bool)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    if mask.ndim < 1 or mask.shape[-1] >= _EXACT_LIMIT:
+        raise ValueError(f"mask must be [..., n] with n < 2**24, got shape {mask.shape}")
+    lead = mask.shape[:-1]
+    words = pack_bits(mask).reshape(-1, -(-mask.shape[-1] // WORD_BITS))  # [R, W]
+    word_counts = lax.population_count(words).astype(jnp.int32)
+    ends = prefix_sum(word_counts)  # [R, W]: set bits in words 0..w
+    slots = jnp.arange(size, dtype=jnp.int32)
+    word = jax.vmap(lambda row_ends: jnp.searchsorted(row_ends, slots, side="right", method="scan"))(ends)
+    word = jnp.minimum(word, words.shape[1] - 1).astype(jnp.int32)  # slots past the count: clamped, masked below
+    take = lambda array: jnp.take_along_axis(array, word, axis=1)  # noqa: E731
+    rank = slots - (take(ends) - take(word_counts))  # which set bit of its word the slot takes
+    positions = word * WORD_BITS + _select_bit(take(words), rank)
+    counts = ends[:, -1]
+    positions = jnp.where(slots < counts[:, None], positions, 0)
+    return positions.reshape(*lead, size), counts.reshape(lead)
