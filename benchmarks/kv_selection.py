@@ -5,7 +5,9 @@
 
 One decode step of attention (one new query per sequence) at S = 32768 cached positions, H = 32,
 K = 8, D = 128, float32: dense decode (reads every key and value) vs selecting 256 keys per kv head
-and attending to them, with the selection's cost included. Ratios measured side by side.
+and attending to them, with the selection's cost included; then the top-256 step alone,
+``top_k_positions`` against ``lax.top_k``. Ratios measured side by side: each time is the median of
+interleaved rounds (every variant once per round) over a few different inputs in turn.
 """
 
 from __future__ import annotations
@@ -14,21 +16,24 @@ import argparse
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from train.benchmarks_md import cpu_heading, markdown_table, write_gpu_placeholder, write_section
 from jaxsparse.kv import EvictedKVCache, KVCache
 from jaxsparse.kv.selection import attention_mass_recall, top_k_keys
 from jaxsparse.ops.decode_attention import decode_attention
-from jaxsparse.testing import median_time
+from jaxsparse.ops.top_k_positions import top_k_positions
+from jaxsparse.testing import interleaved_median_times
 
 TITLE = "KV selection (`python -m benchmarks.kv_selection`)"
 HEADS, KV_HEADS, HEAD_DIM, SELECTED = 32, 8, 128, 256
 
 
 SCORE_DIMS = 16
+QUERIES = 4  # distinct queries, cycled through the repeats (a repeated input flatters branchy code)
 
 
-def decode_rows(batches, capacity, repeats):
+def decode_rows(batches, capacity, rounds):
     rows = []
     for batch in batches:
         keys = jax.random.split(jax.random.key(batch), 3)
@@ -37,17 +42,36 @@ def decode_rows(batches, capacity, repeats):
         # The cache keeps a contiguous copy of the first SCORE_DIMS key dims for low-rank scoring.
         cache = KVCache(keys=cache_keys, values=jax.random.normal(keys[1], shape),
                         lengths=jnp.full(batch, capacity, jnp.int32), score_keys=jnp.swapaxes(cache_keys[..., :SCORE_DIMS], 2, 3))
-        q = jax.random.normal(keys[2], (batch, 1, HEADS, HEAD_DIM))
-        dense = median_time(jax.jit(lambda q, c: decode_attention(q, c)), q, cache, repeats=repeats)
-        for rank, method in ((HEAD_DIM, "exact"), (SCORE_DIMS, "exact"), (SCORE_DIMS, "statistical")):
-            select = jax.jit(lambda q, c, rank=rank, method=method: top_k_keys(q, c, SELECTED, rank=rank, method=method))
-            step = jax.jit(lambda q, c, select=select: decode_attention(q, c, selection=select(q, c)))
-            seconds = median_time(step, q, cache, repeats=repeats)
+        inputs = [(jax.random.normal(key, (batch, 1, HEADS, HEAD_DIM)), cache) for key in jax.random.split(keys[2], QUERIES)]
+        selections = {f"top-{SELECTED}, r = {rank}, {method}": jax.jit(
+            lambda q, c, rank=rank, method=method: top_k_keys(q, c, SELECTED, rank=rank, method=method))
+            for rank, method in ((HEAD_DIM, "exact"), (SCORE_DIMS, "exact"), (SCORE_DIMS, "statistical"))}
+        steps = {"dense": jax.jit(lambda q, c: decode_attention(q, c))}
+        steps.update({name: jax.jit(lambda q, c, select=select: decode_attention(q, c, selection=select(q, c)))
+                      for name, select in selections.items()})
+        seconds = interleaved_median_times(steps, inputs, rounds)
+        q = inputs[0][0]
+        for name, select in selections.items():
             selection = select(q, cache)
             recall = float(jnp.mean(jax.jit(attention_mass_recall)(q, cache, selection)))
-            name = f"top-{SELECTED}, r = {rank}, {method}"
-            rows.append([batch, name, f"{float(jnp.mean(selection.counts)):.0f}", f"{recall:.2f}", f"{dense / seconds:.1f}x"])
+            rows.append([batch, name, f"{float(jnp.mean(selection.counts)):.0f}", f"{recall:.2f}",
+                         f"{seconds['dense'] / seconds[name]:.1f}x"])
             print("decode", *rows[-1], flush=True)
+    return rows
+
+
+def top_k_rows(batches, capacity, rounds):
+    """Top-256 positions of ``[batch * K, S]`` random scores: ``lax.top_k`` vs :func:`top_k_positions`."""
+    rows = []
+    for batch in batches:
+        inputs = [(jax.random.normal(key, (batch * KV_HEADS, capacity)),) for key in jax.random.split(jax.random.key(7), QUERIES)]
+        fns = {"lax.top_k": jax.jit(lambda x: lax.top_k(x, SELECTED)[1])}
+        fns.update({method: jax.jit(lambda x, method=method: top_k_positions(x, SELECTED, method=method))
+                    for method in ("partial_sort", "threshold")})
+        seconds = interleaved_median_times(fns, inputs, rounds)
+        for method in ("partial_sort", "threshold"):
+            rows.append([batch, f"[{batch * KV_HEADS}, {capacity}]", f"`{method}`", f"{seconds['lax.top_k'] / seconds[method]:.2f}x"])
+            print("top-k", *rows[-1], flush=True)
     return rows
 
 
@@ -63,15 +87,20 @@ def memory_rows(capacity, budget_share=0.2):
     return rows
 
 
-def cpu_markdown(rows, capacity, memory) -> str:
+def cpu_markdown(rows, capacity, top_k, memory) -> str:
     lines = [cpu_heading(), "", f"One decode step, float32, S = {capacity}, H = {HEADS}, K = {KV_HEADS}, D = {HEAD_DIM}: "
              "`decode_attention` over the whole cache vs `top_k_keys` (score with the first r dims of q and k, keep "
              f"{SELECTED} keys per kv head) followed by `decode_attention` over the selection, selection included. "
              f"The cache keeps a contiguous copy of the first {SCORE_DIMS} key dims (`score_dims`, +{SCORE_DIMS / HEAD_DIM:.1%} "
              "of the key memory) so that r = 16 scoring reads 1/8 of the key bytes. "
              "Goal >= 8x. Recall: mean share of the exact softmax mass the selection covers (random keys: the "
-             "attention is diffuse, so recall is low; trained models concentrate it).", ""]
+             "attention is diffuse, so recall is low; trained models concentrate it). Each time is the median of "
+             f"interleaved rounds (each round runs every variant once) over {QUERIES} different queries in turn.", ""]
     lines += markdown_table(["batch", "selection", "keys kept (mean)", "recall", "dense / selected"], rows, "rlrrr")
+    lines += ["", f"**The top-{SELECTED} step alone**: positions of the {SELECTED} largest of random float32 scores per "
+              "row (one row per sequence and kv head), `top_k_positions` by method against `lax.top_k` in the same run "
+              "(`partial_sort` is `lax.top_k` plus a sort of the 256 positions; `threshold` is the CPU default).", ""]
+    lines += markdown_table(["batch", "scores", "method", "lax.top_k / method"], top_k, "rllr")
     lines += ["", f"**Eviction memory** at a 20% budget (one sequence, S = {capacity}, K = {KV_HEADS}, D = {HEAD_DIM}, "
               "float32): bytes of the arrays each policy keeps (`EvictedKVCache` holds `budget` slots per head; "
               "positions and scores add 8 bytes per slot).", ""]
@@ -84,9 +113,11 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small cache (smoke run); does not write BENCHMARKS.md")
     args = parser.parse_args(argv)
     capacity = 4096 if args.quick else 32768
-    rows = decode_rows([1] if args.quick else [1, 8], capacity, 1 if args.quick else 5)
+    batches, rounds = ([1], 2) if args.quick else ([1, 8], 16)
+    rows = decode_rows(batches, capacity, rounds)
+    top_k = top_k_rows(batches, capacity, 4 * rounds)
     if not args.quick:
-        write_section("kv-cpu", cpu_markdown(rows, capacity, memory_rows(capacity)), title=TITLE)
+        write_section("kv-cpu", cpu_markdown(rows, capacity, top_k, memory_rows(capacity)), title=TITLE)
         write_gpu_placeholder("kv-gpu", title=TITLE, how="A GPU run of this benchmark is not written yet.")
         print("wrote BENCHMARKS.md")
 

@@ -100,3 +100,22 @@ def median_time(fn, *args, repeats: int = 3) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_median_times(fns: dict, inputs, rounds: int) -> dict:
+    """Median wall time in seconds of each ``fns[name](*inputs[i])``, measured in interleaved rounds.
+
+    After one warm-up (compilation) call each, every round runs each function once on the round's
+    input (``inputs`` in turn), so the drift of a shared machine and the input's effect on
+    data-dependent code touch every function alike: their ratios are side by side.
+    """
+    for fn in fns.values():
+        jax.block_until_ready(fn(*inputs[0]))
+    times = {name: [] for name in fns}
+    for turn in range(rounds):
+        args = inputs[turn % len(inputs)]
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
