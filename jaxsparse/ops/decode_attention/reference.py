@@ -42,11 +42,13 @@ def attend(q, keys, values, visible, *, scale, softcap, precision=None):
       float32)``; rows that see nothing give 0, -inf and all-zero probabilities.
     """
     batch, kv_heads, groups, queries, dim = q.shape
-    # (G, Tq) folded into one row axis: XLA:CPU runs "bkrd,bksd->bkrs" ~4x faster than the 5-D form.
+    # (G, Tq) folded into one row axis: XLA:CPU runs the 4-D einsum ~4x faster than the 5-D form,
+    # and 1.3-1.9x faster with the keys as the left operand (the few query rows are then the
+    # operand it packs) than "bkrd,bksd->bkrs".
     rows = q.reshape(batch, kv_heads, groups * queries, dim).astype(jnp.float32)
     visible = jnp.broadcast_to(visible, (batch, kv_heads, groups, queries, keys.shape[2]))
     visible = visible.reshape(batch, kv_heads, groups * queries, keys.shape[2])
-    logits = scale * jnp.einsum("bkrd,bksd->bkrs", rows, keys.astype(jnp.float32), precision=precision)
+    logits = scale * jnp.swapaxes(jnp.einsum("bksd,bkrd->bksr", keys.astype(jnp.float32), rows, precision=precision), 2, 3)
     if softcap is not None:
         logits = softcap * jnp.tanh(logits / softcap)
     logits = jnp.where(visible, logits, -jnp.inf)
