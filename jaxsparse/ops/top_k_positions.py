@@ -5,11 +5,12 @@ the form sparse kernels and gathers want. Two methods give the same result:
 
 - ``"partial_sort"``: ``lax.top_k``, then a sort of the k positions. On XLA:CPU, ``lax.top_k``
   calls a comparator per element: about 1.1 ms for the top 256 of ``[8, 32768]`` on 2 cores,
-  two thirds of a Spark-attention decode step.
-- ``"threshold"`` (the default on CPU), a few vectorised passes, 0.45 ms there:
+  more than the rest of a Spark-attention decode step.
+- ``"threshold"`` (the default on CPU), a few vectorised passes: 2.7x faster there (3.2x on
+  ``[64, 32768]``; BENCHMARKS.md):
 
   1. Split each row into ``4 k`` strided blocks and take their maxima. A lower bound ``T`` of the
-     k-th largest block maximum (16 bisection steps) is a lower bound of the row's k-th largest
+     k-th largest block maximum (12 bisection steps) is a lower bound of the row's k-th largest
      entry: k blocks have maxima ``>= T``, so k entries do. On i.i.d. rows about ``1.15 k``
      entries reach it.
   2. Compact the entries ``>= T`` (:func:`~jaxsparse.ops.compaction.compact`) into
@@ -18,8 +19,9 @@ the form sparse kernels and gathers want. Two methods give the same result:
      ``lax.top_k`` uses: ``-0 < +0``, NaN above +inf), stopping early at a key exactly k
      candidates reach, and keep the candidates above it plus the first ties, as ``lax.top_k`` does.
 
-  A call where some row has more passing entries than ``candidates`` (entries clustered in a few
-  blocks) or a NaN runs ``"partial_sort"`` instead (``lax.cond``), so the result is exact on every
+  A call where some row has more passing entries than ``candidates`` (large entries sharing a few
+  strided blocks, i.e. repeating with a period of about ``4 k`` positions; neighbouring positions
+  fall in different blocks) or a NaN runs ``"partial_sort"`` instead (``lax.cond``), so the result is exact on every
   input; only the cost changes.
 """
 
@@ -34,6 +36,7 @@ from jaxsparse.ops.compaction import WORD_BITS, compact, prefix_sum
 
 _INT32_MIN = jnp.iinfo(jnp.int32).min
 _BLOCKS_PER_K = 4  # k-th largest of 4k block maxima: about 1.15 k entries pass it on i.i.d. rows
+_BOUND_STEPS = 12  # bisection steps for the block-maxima bound (a lower bound at every step)
 METHODS = ("threshold", "partial_sort")
 # The float that lax.top_k's total order puts last (sortable key INT32_MIN): a negative NaN.
 _LOWEST = np.array(-1, np.int32).view(np.float32)
@@ -57,8 +60,8 @@ def _kth_largest(keys, valid, k: int, *, exact: bool):
 
     Bisection between the smallest and the largest valid key, one compare-and-count over ``[R, n]``
     a step: until every row is settled (``exact``; about ``log2(n)`` steps on spread-out keys), or
-    16 steps, which leave ``t`` only a lower bound (at least k keys reach it), within ``(max -
-    min) / 2**16`` keys of the k-th largest.
+    12 steps, which leave ``t`` only a lower bound (at least k keys reach it), within ``(max -
+    min) / 2**12`` keys of the k-th largest.
     """
     low = jnp.min(jnp.where(valid, keys, jnp.iinfo(jnp.int32).max), axis=-1)
     high = jnp.max(jnp.where(valid, keys, _INT32_MIN), axis=-1)
@@ -76,7 +79,7 @@ def _kth_largest(keys, valid, k: int, *, exact: bool):
     if exact:
         low, _ = lax.while_loop(lambda bounds: jnp.any(bounds[0] < bounds[1]), step, (low, high))
     else:
-        low, _ = lax.fori_loop(0, 16, lambda _, bounds: step(bounds), (low, high), unroll=True)
+        low, _ = lax.fori_loop(0, _BOUND_STEPS, lambda _, bounds: step(bounds), (low, high), unroll=True)
     return low
 
 
@@ -99,7 +102,7 @@ def top_k_positions(x, k: int, *, valid=None, method: str | None = None, candida
       k: entries to keep per row, in ``[1, n]`` (static).
       valid: optional bool broadcastable to ``x``: entries that may be chosen (default all).
       method: ``"threshold"``, ``"partial_sort"`` or None: ``"threshold"`` on CPU, where it is
-        2.4x faster at ``[8, 32768]``, k = 256; ``"partial_sort"`` elsewhere (unmeasured there).
+        2.7x faster at ``[8, 32768]``, k = 256; ``"partial_sort"`` elsewhere (unmeasured there).
       candidates: ``"threshold"``'s slots for the entries that pass the bound, ``>= k`` (default
         ``2 k``). A call with a row over it runs ``"partial_sort"`` (same result, its cost).
 
@@ -175,7 +178,9 @@ def _threshold_positions(values, valid, k: int, slots: int, partial_sort):
         above = listed & (candidate_keys > kth[:, None])
         tie = listed & (candidate_keys == kth[:, None])
         needed = k - jnp.sum(above, axis=-1, dtype=jnp.int32)
-        chosen, _ = compact(above | (tie & (prefix_sum(tie) - tie < needed[:, None])), k)
+        first_ties = lambda: above | (tie & (prefix_sum(tie) - tie < needed[:, None]))  # noqa: E731
+        some_ties_left = jnp.any(jnp.sum(tie, axis=-1, dtype=jnp.int32) > needed)  # else keep every tie
+        chosen, _ = compact(lax.cond(some_ties_left, first_ties, lambda: above | tie), k)
         return jnp.take_along_axis(candidate, chosen, axis=1)
 
     # NaN (ordered above +inf by lax.top_k, but failing every comparison) or too many candidates.
