@@ -102,12 +102,13 @@ def median_time(fn, *args, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def interleaved_median_times(fns: dict, inputs, rounds: int) -> dict:
+def interleaved_median_times(fns: dict, inputs, rounds: int, *, before=None) -> dict:
     """Median wall time in seconds of each ``fns[name](*inputs[i])``, measured in interleaved rounds.
 
     After one warm-up (compilation) call each, every round runs each function once on the round's
     input (``inputs`` in turn), so the drift of a shared machine and the input's effect on
-    data-dependent code touch every function alike: their ratios are side by side.
+    data-dependent code touch every function alike: their ratios are side by side. ``before()``,
+    if given, runs untimed before every timed call (e.g. to evict the caches).
     """
     for fn in fns.values():
         jax.block_until_ready(fn(*inputs[0]))
@@ -115,6 +116,8 @@ def interleaved_median_times(fns: dict, inputs, rounds: int) -> dict:
     for turn in range(rounds):
         args = inputs[turn % len(inputs)]
         for name, fn in fns.items():
+            if before is not None:
+                jax.block_until_ready(before())
             start = time.perf_counter()
             jax.block_until_ready(fn(*args))
             times[name].append(time.perf_counter() - start)
