@@ -93,13 +93,7 @@ def random_normal(key, shape, dtype=jnp.float32, scale: float = 1.0) -> jax.Arra
 
 def median_time(fn, *args, repeats: int = 3) -> float:
     """Median wall time in seconds of ``fn(*args)`` after one warm-up (compilation) call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return interleaved_median_times({"fn": fn}, [args], repeats)["fn"]
 
 
 def interleaved_median_times(fns: dict, inputs, rounds: int, *, before=None) -> dict:

@@ -18,8 +18,8 @@ from jax import lax
 
 from jaxsparse.kv.cache import KVCache
 from jaxsparse.kv.paged_cache import PagedKVCache
-from jaxsparse.ops.decode_attention.reference import visible_positions
 from jaxsparse.ops.compaction import compact
+from jaxsparse.ops.decode_attention.reference import visible_positions
 from jaxsparse.ops.decode_attention.selection import BlockSelection, PositionSelection
 from jaxsparse.ops.top_k_positions import top_k_positions
 

@@ -85,12 +85,10 @@ def select_active_neurons(activations, k_max: int, *, chunk: int = 1) -> ActiveN
     magnitude = jnp.abs(activations.astype(jnp.float32)).reshape(tokens // chunk, chunk, neurons)
     priority = jnp.max(magnitude, axis=1)
     active = priority > 0
-    selected = jnp.sum(active, axis=-1, dtype=jnp.int32)
+    compacted, selected = compact(active, k_max)  # both branches pad with 0 past the count
     indices = lax.cond(
         jnp.any(selected > k_max),
         lambda: top_k_positions(priority, k_max, valid=active)[0],  # the largest, ascending
-        lambda: compact(active, k_max)[0],
+        lambda: compacted,
     )
-    counts = jnp.minimum(selected, k_max)
-    valid = jnp.arange(k_max, dtype=jnp.int32) < counts[:, None]
-    return ActiveNeurons(indices=jnp.where(valid, indices, 0), counts=counts, selected=selected)
+    return ActiveNeurons(indices=indices, counts=jnp.minimum(selected, k_max), selected=selected)
