@@ -20,7 +20,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxsparse.kv.cache import KVCache
+from jaxsparse.kv.cache import KVCache, gather_rows
 
 
 @jax.tree_util.register_dataclass
@@ -196,11 +196,8 @@ class PagedKVCache:
 
     def gather(self, positions):
         """Keys and values at logical ``positions [B, K, n]``: ``([B, K, n, D], [B, K, n, D])``."""
-        flat = self.physical_positions(positions)
-        heads = jnp.arange(self.kv_heads)[None, :, None]
-        pool_keys = self.keys.reshape(self.kv_heads, -1, self.head_dim)
-        pool_values = self.values.reshape(self.kv_heads, -1, self.head_dim)
-        return pool_keys[heads, flat], pool_values[heads, flat]
+        rows = jnp.arange(self.kv_heads)[None, :, None] * (self.num_pages * self.page_size) + self.physical_positions(positions)
+        return gather_rows(self.keys, rows), gather_rows(self.values, rows)
 
     def to_contiguous(self) -> KVCache:
         """The same sequences as a contiguous :class:`KVCache` of ``capacity`` positions (a copy:

@@ -47,3 +47,14 @@ def test_score_keys_follow_the_keys():
     np.testing.assert_array_equal(np.asarray(cache.score_keys), np.swapaxes(np.asarray(cache.keys)[..., :4], 2, 3))
     with pytest.raises(ValueError, match="score_dims must be"):
         KVCache.create(1, 4, 1, 8, score_dims=9)
+
+
+def test_gather_matches_numpy_and_clips_positions_into_the_cache():
+    keys, values = random_normal(jax.random.key(4), (2, 3, 16, 4)), random_normal(jax.random.key(5), (2, 3, 16, 4))
+    cache = KVCache(keys=keys, values=values, lengths=jnp.asarray([16, 9]))
+    positions = jax.random.randint(jax.random.key(6), (2, 3, 7), -3, 20)
+    got_keys, got_values = jax.jit(KVCache.gather)(cache, positions)
+    clipped = np.clip(np.asarray(positions), 0, 15)
+    rows, heads = np.arange(2)[:, None, None], np.arange(3)[None, :, None]
+    np.testing.assert_array_equal(np.asarray(got_keys), np.asarray(keys)[rows, heads, clipped])
+    np.testing.assert_array_equal(np.asarray(got_values), np.asarray(values)[rows, heads, clipped])

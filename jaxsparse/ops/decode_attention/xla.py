@@ -28,7 +28,7 @@ def xla_decode_attention(q, cache, selection, *, scale, softcap):
         positions, listed = selection.positions()
     else:
         positions, listed = selection.positions, selection.listed()
-    keys, values = cache.gather(jnp.clip(positions, 0, cache.capacity - 1))  # [B, K, n, D]
+    keys, values = cache.gather(positions)  # [B, K, n, D]
     query_position = lengths[:, None] - queries + jnp.arange(queries)  # [B, Tq]
     causal = positions[:, :, None, :] <= query_position[:, None, :, None]  # [B, K, Tq, n]
     inside = positions < lengths[:, None, None]
