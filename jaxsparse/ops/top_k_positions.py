@@ -172,12 +172,10 @@ def _threshold_positions(values, valid, k: int, slots: int, partial_sort):
     """Steps 1-3 of the module docstring on ``[R, n]`` rows (``valid`` None: all entries);
     ``partial_sort()`` when they cannot. Reads the rows twice: block maxima, then the compaction."""
     n = values.shape[-1]
-    # Strided blocks (entry c * blocks + b is in block b): the maxima reduce over a major axis.
+    # Strided blocks (entry c * blocks + b is in block b): neighbouring entries fall in different blocks.
     block_size = max(1, n // (_BLOCKS_PER_K * k))
     blocks = -(-n // block_size)
-    # + 0 / -inf rather than a select: XLA:CPU fuses the add into the strided reduction (2x faster).
-    # An invalid +inf or NaN entry becomes NaN here, which only sends the call to ``partial_sort``.
-    masked = values if valid is None else values + jnp.where(valid, 0.0, -jnp.inf)
+    masked = _where_valid(valid, values, -jnp.inf)
     if block_size * blocks > n:
         masked = jnp.pad(masked, ((0, 0), (0, block_size * blocks - n)), constant_values=-jnp.inf)
     block_max = _strided_block_max(masked, block_size, blocks)  # [R, blocks]; NaN if a block has one
