@@ -87,13 +87,39 @@ def window_selection(q, cache: KVCache, *, window: int, sinks: int = 0) -> Posit
                              counts=jnp.broadcast_to(counts[:, None], shape[:2]).astype(jnp.int32))
 
 
+def low_rank_key_scores(q, cache: KVCache, rank: int | None = None) -> jax.Array:
+    """Spark attention's key scores: every cached key scored with the first ``rank`` dims of q and k.
+
+    ``score[b, kv, s] = sum over the group's query heads and queries of q[:rank] . k[s, :rank]``
+    (``rank`` None: all D dims, the exact logits summed over the group). With a cache created with
+    ``score_dims = rank`` the scores read only the contiguous ``score_keys`` (``rank / D`` of the
+    key bytes); otherwise they slice the keys, which touches every cache line of them.
+
+    Args:
+      q: ``[B, Tq, H, D]``; cache: the layer's cache.
+      rank: ``r`` in ``[1, D]``, or None.
+
+    Returns:
+      float32 ``[B, K, S_cap]``; positions past a sequence's length hold whatever the cache holds
+      there (mask them with ``cache.valid()``).
+
+    Raises:
+      ValueError: ``rank`` out of range, q not matching the cache.
+    """
+    grouped = _check_query(q, cache)
+    rank = cache.head_dim if rank is None else rank
+    _check_budget("rank", rank, cache.head_dim, "the head dim D")
+    query = jnp.sum(grouped[..., :rank].astype(jnp.float32), axis=(2, 3))  # [B, K, r]: scores are linear in q
+    if cache.score_dims == rank:
+        return (query[:, :, None, :] @ cache.score_keys.astype(jnp.float32))[:, :, 0]
+    return jnp.einsum("bkr,bksr->bks", query, cache.keys[..., :rank].astype(jnp.float32))
+
+
 def top_k_keys(q, cache: KVCache, k: int, *, rank: int | None = None, method: str = "exact") -> PositionSelection:
     """Spark attention / top-k keys: score every key with the first ``rank`` dims of q and k, keep the top k.
 
-    ``score[b, kv, s] = sum over the group's query heads and queries of q[:rank] . k[s, :rank]``
-    (``rank`` None: all D dims, exact top-k attention). With a cache created with ``score_dims =
-    rank`` the scores read only the contiguous ``score_keys`` (``rank / D`` of the key bytes);
-    otherwise they slice the keys, which touches every cache line of them.
+    The scores are :func:`low_rank_key_scores` (``rank`` None: all D dims, exact top-k attention;
+    a cache with ``score_dims = rank`` reads only its contiguous ``score_keys``).
 
     Args:
       q: ``[B, Tq, H, D]``; cache: the layer's cache (new keys already appended).
@@ -108,15 +134,8 @@ def top_k_keys(q, cache: KVCache, k: int, *, rank: int | None = None, method: st
     Raises:
       ValueError: ``k`` or ``rank`` out of range, q not matching the cache.
     """
-    grouped = _check_query(q, cache)
     _check_budget("k", k, cache.capacity, "the cache capacity")
-    rank = cache.head_dim if rank is None else rank
-    _check_budget("rank", rank, cache.head_dim, "the head dim D")
-    query = jnp.sum(grouped[..., :rank].astype(jnp.float32), axis=(2, 3))  # [B, K, r]: scores are linear in q
-    if cache.score_dims == rank:
-        scores = (query[:, :, None, :] @ cache.score_keys.astype(jnp.float32))[:, :, 0]  # [B, K, S]
-    else:
-        scores = jnp.einsum("bkr,bksr->bks", query, cache.keys[..., :rank].astype(jnp.float32))
+    scores = low_rank_key_scores(q, cache, rank)  # [B, K, S]
     valid = _causal_valid(cache, cache.kv_heads)
     if method == "exact":
         return _top_positions(scores, valid, k)

@@ -14,6 +14,7 @@ from jaxsparse.kv import KVCache
 from jaxsparse.kv.selection import (
     TokenSelectState,
     attention_mass_recall,
+    low_rank_key_scores,
     page_summary,
     quest_pages,
     tidal_decode_selection,
@@ -177,11 +178,18 @@ def test_statistical_top_k_keys_keeps_about_k_of_the_best():
         top_k_keys(q, cache, k=4, method="approx")
 
 
-def test_low_rank_scoring_from_score_keys_equals_slicing_the_keys():
-    cache, q = _setup(9)
-    sketched = KVCache.create(B, S, K, D, score_dims=4).prefill(
+@pytest.mark.parametrize("rank", [None, 4])
+def test_low_rank_key_scores_match_numpy_with_and_without_score_keys(rank):
+    cache, q = _setup(9, queries=2)
+    sketched = KVCache.create(B, S, K, D, score_dims=rank or D).prefill(
         jnp.swapaxes(cache.keys, 1, 2), jnp.swapaxes(cache.values, 1, 2), lengths=cache.lengths)
-    a, b = top_k_keys(q, cache, k=8, rank=4), top_k_keys(q, sketched, k=8, rank=4)
+    r = rank or D
+    qg, keys = _np_grouped(q), np.asarray(cache.keys, np.float64)
+    expected = np.einsum("bkr,bksr->bks", qg[..., :r].sum(axis=(1, 3)), keys[..., :r])
+    for which in (cache, sketched):
+        assert_allclose(jax.jit(low_rank_key_scores, static_argnames="rank")(q, which, rank=rank), expected,
+                        dtype=jnp.float32)
+    a, b = top_k_keys(q, cache, k=8, rank=rank), top_k_keys(q, sketched, k=8, rank=rank)
     np.testing.assert_array_equal(np.asarray(a.positions), np.asarray(b.positions))
 
 
