@@ -53,7 +53,7 @@ def decode_inputs(batch, capacity):
     return [(jax.random.normal(key, (batch, 1, HEADS, HEAD_DIM)), cache) for key in jax.random.split(keys[2], QUERIES)]
 
 
-def decode_rows(batches, capacity, rounds):
+def decode_rows(batches, capacity, rounds, evict):
     rows = []
     for batch in batches:
         inputs = decode_inputs(batch, capacity)
@@ -64,7 +64,7 @@ def decode_rows(batches, capacity, rounds):
         steps = {"dense": jax.jit(lambda q, c: decode_attention(q, c))}
         steps.update({name: jax.jit(lambda q, c, select=select: decode_attention(q, c, selection=select(q, c)))
                       for name, select in selections.items()})
-        seconds = interleaved_median_times(steps, inputs, rounds, before=evict_caches())
+        seconds = interleaved_median_times(steps, inputs, rounds, before=evict)
         q = inputs[0][0]
         for name, select in selections.items():
             selection = select(q, cache)
@@ -75,7 +75,7 @@ def decode_rows(batches, capacity, rounds):
     return rows
 
 
-def step_part_rows(capacity, rounds):
+def step_part_rows(capacity, rounds, evict):
     """Batch 1: the cold time of each part of the r = 16 exact step, as a share of the dense step.
 
     Each part runs as its own jitted call (the parts of the step plus a call's fixed cost), all
@@ -92,7 +92,7 @@ def step_part_rows(capacity, rounds):
         "an empty call (`q + 1`: dispatch, cold)": lambda q, c, s: q + 1,
     }
     seconds = interleaved_median_times({name: jax.jit(part) for name, part in parts.items()}, inputs, rounds,
-                                       before=evict_caches())
+                                       before=evict)
     rows = [[name, f"{seconds[name] / seconds['dense step']:.1%}"] for name in parts]
     for row in rows:
         print("part", *row, flush=True)
@@ -159,8 +159,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     capacity = 4096 if args.quick else 32768
     batches, rounds = ([1], 2) if args.quick else ([1, 8], 16)
-    rows = decode_rows(batches, capacity, rounds)
-    parts = step_part_rows(capacity, rounds)
+    evict = evict_caches()
+    rows = decode_rows(batches, capacity, rounds, evict)
+    parts = step_part_rows(capacity, rounds, evict)
     top_k = top_k_rows(batches, capacity, 4 * rounds)
     if not args.quick:
         write_section("kv-cpu", cpu_markdown(rows, capacity, parts, top_k, memory_rows(capacity)), title=TITLE)
