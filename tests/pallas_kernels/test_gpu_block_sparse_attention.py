@@ -1,4 +1,5 @@
-"""GPU (Triton-backend) block-sparse attention kernels against a dense reference, in interpret mode.
+"""GPU (Triton-backend) block-sparse attention kernels against a dense reference,
+in interpret mode (compiled when run on a GPU: `make test-gpu`).
 
 Everything the kernels need (dense masks, block metadata, element masks and their mask operands)
 is built here, independently of ``jaxsparse``, so these tests pin the kernel contract on their own.
@@ -14,13 +15,14 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from tests.pallas_kernels.backend import GPU_INTERPRET, float32_tolerance
 from pallas_kernels.gpu.block_sparse_attention import (
     block_sparse_attention_backward,
     block_sparse_attention_forward,
 )
 
 TOLERANCES = {  # (forward, gradients)
-    jnp.float32: (1e-5, 1e-4),
+    jnp.float32: (float32_tolerance(1e-5), float32_tolerance(1e-4)),
     # bf16 inputs: p is rounded to bf16 before the p @ v and ds @ k matmuls.
     jnp.bfloat16: (2e-2, 2e-2),
 }
@@ -155,7 +157,7 @@ def run_and_compare(
     metadata = block_metadata(mask if metadata_mask is None else metadata_mask, block_q, block_kv)
     kwargs = dict(
         element_mask=element_mask, scale=scale, softcap=softcap, block_q=block_q,
-        block_kv=block_kv, interpret=True,
+        block_kv=block_kv, interpret=GPU_INTERPRET,
     )
 
     @jax.jit  # One compilation for kernels and reference: interpret-mode cost is compile time.
@@ -362,7 +364,7 @@ def test_rejects_heads_not_divisible_by_kv_heads():
     with pytest.raises(ValueError, match="multiple of kv heads"):
         block_sparse_attention_forward(
             q, k, k, *metadata[:3], NO_OPERANDS, element_mask=causal_element_mask(32),
-            scale=1.0, softcap=None, block_q=16, block_kv=16, interpret=True,
+            scale=1.0, softcap=None, block_q=16, block_kv=16, interpret=GPU_INTERPRET,
         )
 
 
@@ -382,7 +384,7 @@ def test_rejects_malformed_mask_operands(operands, error, message):
     with pytest.raises(error, match=message):
         block_sparse_attention_forward(
             q, q, q, *metadata[:3], operands, element_mask=segment_element_mask, scale=1.0,
-            softcap=None, block_q=16, block_kv=16, interpret=True,
+            softcap=None, block_q=16, block_kv=16, interpret=GPU_INTERPRET,
         )
 
 

@@ -1,4 +1,5 @@
-"""GPU (Triton-backend) block-sparse decode attention against a dense reference, in interpret mode.
+"""GPU (Triton-backend) block-sparse decode attention against a dense reference,
+in interpret mode (compiled when run on a GPU: `make test-gpu`).
 
 The reference is built here, independently of ``jaxsparse``: a dense float64 numpy attention
 under the mask "key position in a listed block, before the sequence length, and at or before the
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from tests.pallas_kernels.paging import gather_pages, listed_blocks, paginate
+from tests.pallas_kernels.backend import GPU_INTERPRET, float32_tolerance
 from pallas_kernels.gpu.decode_attention import (
     FORWARD_NAME,
     check_support,
@@ -126,7 +128,8 @@ CASES = [  # groups, queries_per_head, head_dim, block_kv, num_splits, softcap, 
 
 
 def run_and_compare(groups, queries_per_head, head_dim, block_kv, num_splits, softcap, pattern,
-                    lengths, *, dtype=jnp.float32, atol=2e-5, rtol=2e-5, seed=0):
+                    lengths, *, dtype=jnp.float32, atol=float32_tolerance(2e-5),
+                    rtol=float32_tolerance(2e-5), seed=0):
     rng = np.random.default_rng(seed)
     clean, poisoned, indices, counts, lengths = make_case(
         rng, groups=groups, queries_per_head=queries_per_head, head_dim=head_dim,
@@ -135,7 +138,7 @@ def run_and_compare(groups, queries_per_head, head_dim, block_kv, num_splits, so
     kwargs = dict(scale=head_dim ** -0.5, softcap=softcap, queries_per_head=queries_per_head)
     o, lse = decode_attention_forward(
         *poisoned, jnp.asarray(indices), jnp.asarray(counts), jnp.asarray(lengths),
-        block_kv=block_kv, num_splits=num_splits, interpret=True, **kwargs,
+        block_kv=block_kv, num_splits=num_splits, interpret=GPU_INTERPRET, **kwargs,
     )
     assert o.dtype == dtype and o.shape == clean[0].shape
     assert lse.dtype == jnp.float32 and lse.shape == clean[0].shape[:3]
@@ -177,7 +180,7 @@ def test_nothing_listed_anywhere():
                                 (jnp.zeros((BATCH, KV_HEADS, 2), jnp.int32), 3)):
         o, lse = decode_attention_forward(
             q, k, k, indices, counts, lengths, scale=1.0, queries_per_head=2, block_kv=32,
-            num_splits=num_splits, interpret=True,
+            num_splits=num_splits, interpret=GPU_INTERPRET,
         )
         assert np.all(np.asarray(o) == 0.0) and np.all(np.isneginf(np.asarray(lse)))
 
@@ -316,7 +319,7 @@ def test_paged_cache_equals_contiguous_cache(groups, queries_per_head, num_split
     def run(k, v, **extra):
         o, lse = decode_attention_forward(
             jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype), *lists,
-            block_kv=block_kv, num_splits=num_splits, interpret=True, **kwargs, **extra,
+            block_kv=block_kv, num_splits=num_splits, interpret=GPU_INTERPRET, **kwargs, **extra,
         )
         return np.asarray(o.astype(jnp.float32)), np.asarray(lse)
 
@@ -328,7 +331,7 @@ def test_paged_cache_equals_contiguous_cache(groups, queries_per_head, num_split
     np.testing.assert_array_equal(lse, lse_contiguous)
     o_ref, lse_ref = reference_decode(q, k, v, indices, counts, lengths, block_kv=block_kv,
                                       **kwargs)
-    tolerance = 2e-5 if dtype == jnp.float32 else 2e-2
+    tolerance = float32_tolerance(2e-5) if dtype == jnp.float32 else 2e-2
     assert not np.isnan(o).any() and not np.isnan(lse).any()
     np.testing.assert_allclose(o, o_ref, atol=tolerance, rtol=tolerance)
     np.testing.assert_allclose(lse, lse_ref, atol=tolerance, rtol=tolerance)

@@ -1,5 +1,5 @@
 """GPU (Triton-backend) grouped matmul kernels against a per-group float64 reference, in interpret
-mode.
+mode (compiled when run on a GPU: `make test-gpu`).
 
 x [N, K] holds rows sorted by group (group 0's group_sizes[0] rows, then group 1's, ..., then
 padding rows up to N). The reference loops over the groups in numpy float64, independently of
@@ -21,6 +21,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from tests.pallas_kernels.backend import GPU_INTERPRET, float32_tolerance
 from pallas_kernels.gpu import grouped_matmul as gmm
 from pallas_kernels.gpu.grouped_matmul import (
     GROUPED_MATMUL_NAME,
@@ -31,7 +32,7 @@ from pallas_kernels.gpu.grouped_matmul import (
 )
 
 TOLERANCES = {  # Relative to the largest |reference| entry of each output.
-    jnp.float32: 2e-5,
+    jnp.float32: float32_tolerance(2e-5),
     # bf16: the reference sees the same bf16-rounded inputs; products are exact in float32 and
     # accumulated in float32, so the error is the final rounding of y / dw to bf16 (relative
     # 2^-9 ~ 0.002 per entry) plus float32 summation order.
@@ -99,7 +100,7 @@ def run_and_compare(
     @jax.jit  # One compilation per case: interpret-mode cost is compile time.
     def kernels(x, w, w_t, dy, group_sizes):
         x, w, w_t, dy = (a.astype(dtype) for a in (x, w, w_t, dy))
-        kwargs = dict(interpret=True, **blocks)
+        kwargs = dict(interpret=GPU_INTERPRET, **blocks)
         return (
             grouped_matmul(x, w, group_sizes, **kwargs),
             grouped_matmul(x, w_t, group_sizes, transpose_rhs=True, **kwargs),
@@ -169,7 +170,7 @@ def test_work_follows_the_rows(monkeypatch):
     monkeypatch.setattr(gmm, "matmul", counting_matmul)
     rng = np.random.default_rng(2)
     x, w, _, dy = random_problem(rng, group_sizes, num_rows, inner_dim, out_dim, jnp.float32)
-    kwargs = dict(block_rows=block_rows, block_cols=32, block_inner=32, interpret=True)
+    kwargs = dict(block_rows=block_rows, block_cols=32, block_inner=32, interpret=True)  # Callbacks.
 
     # Real (group, row tile) pairs, counted independently: tiles [0, 40) -> 0, 1; [40, 43) -> 1;
     # [43, 113) -> 1, 2, 3; [113, 118) -> 3: seven pairs, against E * 5 = 40 (group, tile) cells.
@@ -225,7 +226,7 @@ def test_grouped_matmul_rejects_bad_arguments(overrides, message):
     args.pop("dy")
     with pytest.raises(ValueError, match=message):
         grouped_matmul(
-            args.pop("x"), args.pop("w"), args.pop("group_sizes"), **args, interpret=True
+            args.pop("x"), args.pop("w"), args.pop("group_sizes"), **args, interpret=GPU_INTERPRET
         )
 
 
@@ -234,12 +235,12 @@ def test_transpose_rhs_checks_the_transposed_layout():
     rejected."""
     x, sizes = jnp.ones((40, 32)), jnp.zeros((3,), jnp.int32)
     y = jax.eval_shape(
-        lambda x, w: grouped_matmul(x, w, sizes, transpose_rhs=True, interpret=True),
+        lambda x, w: grouped_matmul(x, w, sizes, transpose_rhs=True, interpret=GPU_INTERPRET),
         x, jnp.ones((3, 48, 32)),
     )
     assert y.shape == (40, 48)
     with pytest.raises(ValueError, match=r"w must be \[E, F, K\] with K = x.shape\[1\] = 32"):
-        grouped_matmul(x, jnp.ones((3, 32, 48)), sizes, transpose_rhs=True, interpret=True)
+        grouped_matmul(x, jnp.ones((3, 32, 48)), sizes, transpose_rhs=True, interpret=GPU_INTERPRET)
 
 
 @pytest.mark.parametrize(
@@ -260,7 +261,7 @@ def test_transposed_grouped_matmul_rejects_bad_arguments(overrides, message):
     args.pop("w")
     with pytest.raises(ValueError, match=message):
         transposed_grouped_matmul(
-            args.pop("x"), args.pop("dy"), args.pop("group_sizes"), **args, interpret=True
+            args.pop("x"), args.pop("dy"), args.pop("group_sizes"), **args, interpret=GPU_INTERPRET
         )
 
 
