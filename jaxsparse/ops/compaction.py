@@ -6,6 +6,10 @@ run element by element (1.3 ms and 1.9 ms on an ``[8, 32768]`` mask, 2 cores): t
 into 32-bit words in one fused pass, the words' popcounts are prefix-summed with small triangular
 matmuls, each output slot finds its word by binary search and its bit by a five-step popcount
 search. The work after the packing pass grows with ``size`` and the word count, not the row length.
+
+On a GPU the obvious form is the fast one: a cumulative sum gives each True entry its slot and one
+scatter writes the positions (``method="scatter"``, the default off CPU). The word search's while
+loop would cost a host round trip per iteration there.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 
 WORD_BITS = 32
+METHODS = ("search", "scatter")
 _EXACT_LIMIT = 2**24  # float32 holds every integer below this, so the matmul prefix sums are exact
 
 
@@ -72,30 +77,9 @@ def _select_bit(words, rank):
     return index.astype(jnp.int32)
 
 
-def compact(mask, size: int):
-    """The first ``size`` True positions of each row of ``mask``, ascending, padded with 0.
-
-    Equals ``jnp.nonzero(row, size=size, fill_value=0)[0]`` per row (rows with more than ``size``
-    True entries keep their first ``size``), without a cumulative sum over the row.
-
-    Args:
-      mask: bool ``[..., n]``, ``n < 2**24``.
-      size: slots per row, ``>= 1`` (static).
-
-    Returns:
-      ``(positions, counts)``: int32 ``[..., size]`` and int32 ``[...]``, the row's True count
-      (which may exceed ``size``; ``min(counts, size)`` slots are filled).
-
-    Raises:
-      ValueError: ``size`` not a positive int, or rows of ``2**24`` entries or more.
-    """
-    mask = jnp.asarray(mask, bool)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive int, got {size!r}")
-    if mask.ndim < 1 or mask.shape[-1] >= _EXACT_LIMIT:
-        raise ValueError(f"mask must be [..., n] with n < 2**24, got shape {mask.shape}")
-    lead = mask.shape[:-1]
-    words = pack_bits(mask).reshape(-1, -(-mask.shape[-1] // WORD_BITS))  # [R, W]
+def _compact_by_search(mask, size: int):
+    """:func:`compact` on ``[R, n]`` by packed words, matmul prefix sums and binary search."""
+    words = pack_bits(mask)  # [R, W]
     word_counts = lax.population_count(words).astype(jnp.int32)
     ends = prefix_sum(word_counts)  # [R, W]: set bits in words 0..w
     slots = jnp.arange(size, dtype=jnp.int32)
@@ -105,5 +89,48 @@ def compact(mask, size: int):
     rank = slots - (take(ends) - take(word_counts))  # which set bit of its word the slot takes
     positions = word * WORD_BITS + _select_bit(take(words), rank)
     counts = ends[:, -1]
-    positions = jnp.where(slots < counts[:, None], positions, 0)
+    return jnp.where(slots < counts[:, None], positions, 0), counts
+
+
+def _compact_by_scatter(mask, size: int):
+    """:func:`compact` on ``[R, n]``: a cumulative sum numbers the True entries, a scatter lists them."""
+    rows, n = mask.shape
+    rank = jnp.cumsum(mask, axis=-1, dtype=jnp.int32)  # inclusive: the k-th True entry has rank k
+    slot = jnp.where(mask & (rank <= size), rank - 1, size)  # slot ``size`` is out of range: dropped
+    positions = jnp.zeros((rows, size), jnp.int32).at[jnp.arange(rows)[:, None], slot].set(
+        jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (rows, n)), mode="drop")
+    return positions, rank[:, -1]
+
+
+def compact(mask, size: int, *, method: str | None = None):
+    """The first ``size`` True positions of each row of ``mask``, ascending, padded with 0.
+
+    Equals ``jnp.nonzero(row, size=size, fill_value=0)[0]`` per row (rows with more than ``size``
+    True entries keep their first ``size``).
+
+    Args:
+      mask: bool ``[..., n]``, ``n < 2**24``.
+      size: slots per row, ``>= 1`` (static).
+      method: ``"search"`` (no cumulative sum over the row: the CPU default), ``"scatter"`` (a
+        cumulative sum and a scatter: the default elsewhere) or None.
+
+    Returns:
+      ``(positions, counts)``: int32 ``[..., size]`` and int32 ``[...]``, the row's True count
+      (which may exceed ``size``; ``min(counts, size)`` slots are filled).
+
+    Raises:
+      ValueError: ``size`` not a positive int, rows of ``2**24`` entries or more, an unknown method.
+    """
+    mask = jnp.asarray(mask, bool)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    if mask.ndim < 1 or mask.shape[-1] >= _EXACT_LIMIT:
+        raise ValueError(f"mask must be [..., n] with n < 2**24, got shape {mask.shape}")
+    if method is None:
+        method = "search" if jax.default_backend() == "cpu" else "scatter"
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS} or None, got {method!r}")
+    lead = mask.shape[:-1]
+    flat = mask.reshape(-1, mask.shape[-1])
+    positions, counts = (_compact_by_search if method == "search" else _compact_by_scatter)(flat, size)
     return positions.reshape(*lead, size), counts.reshape(lead)
