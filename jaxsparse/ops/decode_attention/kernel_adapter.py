@@ -9,15 +9,20 @@ from jaxsparse.ops.decode_attention.selection import BlockSelection
 from jaxsparse.ops.platform import check_kernel_support, interpret_on
 
 
-def _num_splits(listed_blocks: int) -> int:
-    """Split-K for long lists: about 8 blocks per split, at most 8 splits, so that one sequence
-    and kv head (a single decode query) still spreads over several cores."""
-    return max(1, min(8, listed_blocks // 8))
+def _num_splits(listed_blocks: int, instances: int, target_programs: int | None) -> int:
+    """Split-K over each block list: at least 8 listed blocks per split, and either at most 8 splits
+    (``target_programs`` None) or enough that ``instances * splits`` reaches ``target_programs``."""
+    wanted = 8 if target_programs is None else -(-target_programs // instances)
+    return max(1, min(wanted, listed_blocks // 8))
 
 
-def kernel_runner(kernel: ModuleType, platform: str, implementation: str, default_block: int):
+def kernel_runner(kernel: ModuleType, platform: str, implementation: str, default_block: int,
+                  target_programs: int | None = None):
     """``run(q [B, K, G, Tq, D], cache, selection, *, scale, softcap) -> (o, lse)`` over ``kernel``;
-    ``cache`` is a :class:`KVCache` or a :class:`PagedKVCache` (pool and page table passed through)."""
+    ``cache`` is a :class:`KVCache` or a :class:`PagedKVCache` (pool and page table passed through).
+
+    ``target_programs``: how many kernel instances (sequence x kv head x split) a call should
+    launch to fill the device (None: at most 8 splits per block list)."""
 
     def run(q, cache, selection, *, scale, softcap):
         interpret = interpret_on(platform, implementation)
@@ -47,7 +52,8 @@ def kernel_runner(kernel: ModuleType, platform: str, implementation: str, defaul
         out, lse = kernel.decode_attention_forward(
             rows, keys.astype(q.dtype), values.astype(q.dtype), selection.indices, selection.counts,
             cache.lengths, scale=scale, softcap=softcap, queries_per_head=queries, block_kv=block,
-            num_splits=_num_splits(selection.indices.shape[-1]), interpret=interpret, **paging)
+            num_splits=_num_splits(selection.indices.shape[-1], batch * kv_heads, target_programs),
+            interpret=interpret, **paging)
         return out.reshape(q.shape), lse.reshape(q.shape[:-1])
 
     return run
