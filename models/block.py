@@ -82,32 +82,41 @@ class Block(nnx.Module):
         Args:
           x: ``[B, P, M]``, positions ``0 .. P - 1``.
           cache: this layer's empty cache (capacity ``>= P``, or an evicting cache).
-          fill: ``fill(cache, keys, values) -> cache`` with keys and values ``[B, P, K, D]``;
-            default ``cache.prefill``.
+          fill: ``fill(cache, keys, values, queries, *, scale, softcap) -> cache`` with keys and
+            values ``[B, P, K, D]``, the rotated queries ``[B, P, H, D]`` and the layer's logit scale
+            and soft-cap (for policies that rank by attention); default ``cache.prefill``.
 
         Returns:
           ``(x [B, P, M], cache)``.
         """
         hidden = self.attention_norm(x)
-        keys, values = self.attention.key(hidden), self.attention.value(hidden)
+        queries, keys, values = (self.attention.query(hidden), self.attention.key(hidden),
+                                 self.attention.value(hidden))
         if self.attention.rope_theta is not None:
-            keys = nn.apply_rotary(keys, jnp.arange(x.shape[1]), theta=self.attention.rope_theta)
-        cache = cache.prefill(keys, values) if fill is None else fill(cache, keys, values)
+            positions = jnp.arange(x.shape[1])
+            queries = nn.apply_rotary(queries, positions, theta=self.attention.rope_theta)
+            keys = nn.apply_rotary(keys, positions, theta=self.attention.rope_theta)
+        if fill is None:
+            cache = cache.prefill(keys, values)
+        else:
+            cache = fill(cache, keys, values, queries, scale=self.attention.scale, softcap=self.attention.softcap)
         x = self._attention_residual(x, self.attention(hidden))
         return self._ffn_residual(x, self.ffn(self.ffn_norm(x))), cache
 
-    def decode(self, x, cache: KVCache, *, select=None, append=None):
+    def decode(self, x, cache: KVCache, *, select=None, append=None, attention_append=None):
         """One decode step: attend over ``cache`` (what ``select(q, cache)`` picks), then the FFN.
 
         Args:
           x: ``[B, 1, M]``.
           cache: this layer's cache.
           select: the selection policy of ``nn.Attention.decode`` or None (the whole cache).
-          append: the eviction policy of ``nn.Attention.decode`` for an evicting cache, or None.
+          append, attention_append: the eviction policy of ``nn.Attention.decode`` for an evicting
+            cache (one of them), or None.
 
         Returns:
           ``(x [B, 1, M], cache)``.
         """
-        attended, cache = self.attention.decode(self.attention_norm(x), cache, select=select, append=append)
+        attended, cache = self.attention.decode(self.attention_norm(x), cache, select=select, append=append,
+                                                attention_append=attention_append)
         x = self._attention_residual(x, attended)
         return self._ffn_residual(x, self.ffn(self.ffn_norm(x))), cache

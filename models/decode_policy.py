@@ -7,11 +7,14 @@ A policy is a frozen (hashable) dataclass with a small pure protocol:
 - ``init_state(cache, num_heads)``: the policy's state after prefill (a pytree, or None);
 - ``select(q, cache, state) -> (selection or None, state)``: called by ``nn.Attention.decode`` after
   the new keys are appended (None reads the whole cache);
-- ``make_cache(batch, capacity, kv_heads, head_dim, dtype)``, ``fill(cache, keys, values)`` (the
-  prompt's rotated keys and values ``[B, P, K, D]``) and ``append`` (None, or how a new token enters
-  an evicting cache): the cache a layer keeps. Selection policies keep the whole
-  :class:`~jaxsparse.kv.KVCache` (:class:`KeepsWholeCache`); :class:`StreamingLLM` keeps only
-  ``budget`` slots per head (:class:`~jaxsparse.kv.EvictedKVCache`).
+- ``make_cache(batch, capacity, kv_heads, head_dim, dtype)``, ``fill(cache, keys, values, queries, *,
+  scale, softcap)`` (the prompt's rotated keys, values ``[B, P, K, D]`` and queries ``[B, P, H, D]``,
+  and the layer's logit scale and soft-cap), and ``append``
+  or ``attention_append`` (None, or how a new token enters an evicting cache, see
+  ``nn.Attention.decode``): the cache a layer keeps. Selection policies keep the whole
+  :class:`~jaxsparse.kv.KVCache` (:class:`KeepsWholeCache`); :class:`StreamingLLM` and
+  :class:`HeavyHitters` (H2O, A2SF) keep only ``budget`` slots per head
+  (:class:`~jaxsparse.kv.EvictedKVCache`).
 
 Policies apply to full-attention layers; sliding-window layers always read their trained pattern,
 the sinks and the last ``window`` positions (:class:`SlidingWindow`).
@@ -27,23 +30,25 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.kv import selection as kv_selection
-from jaxsparse.kv import EvictedKVCache, KVCache, streaming_llm_append
+from jaxsparse.kv import EvictedKVCache, KVCache, attend_and_append, heavy_hitter_append, streaming_llm_append
 from models.config import LayerAttention, ModelConfig
 
-POLICY_NAMES = (None, "top_k", "quest", "token_select", "streaming_llm")
+POLICY_NAMES = (None, "top_k", "quest", "token_select", "streaming_llm", "h2o")
 QUEST_PAGE_SIZE = 16
 STREAMING_SINKS = 4
+HEAVY_HITTER_RECENT = 16
 
 
 class KeepsWholeCache:
     """The cache of a selection policy: every position, in a :class:`~jaxsparse.kv.KVCache`."""
 
     append = None
+    attention_append = None
 
     def make_cache(self, batch: int, capacity: int, kv_heads: int, head_dim: int, dtype):
         return KVCache.create(batch, capacity, kv_heads, head_dim, dtype, score_dims=self.cache_score_dims)
 
-    def fill(self, cache, keys, values):
+    def fill(self, cache, keys, values, queries, *, scale, softcap):
         return cache.prefill(keys, values)
 
 
@@ -168,8 +173,41 @@ class SlidingWindow(KeepsWholeCache):
         return kv_selection.window_selection(q, cache, window=self.window - 1, sinks=self.sinks), state
 
 
+class _Evicting:
+    """An eviction policy's cache: ``budget`` slots per kv head (capped at the generation length,
+    where nothing is evicted); the prompt enters token by token, as it would have been decoded.
+    Subclasses define ``append`` or ``attention_append`` (see ``nn.Attention.decode``)."""
+
+    cache_score_dims = None
+    capacity_multiple = 1
+    append = None
+    attention_append = None
+
+    def make_cache(self, batch: int, capacity: int, kv_heads: int, head_dim: int, dtype):
+        self._check(min(self.budget, capacity))
+        return EvictedKVCache.create(batch, min(self.budget, capacity), kv_heads, head_dim, dtype)
+
+    def fill(self, cache: EvictedKVCache, keys, values, queries, *, scale, softcap):
+        def step(cache, token):
+            key, value, query = token
+            if self.append is not None:
+                return self.append(cache, key, value), None
+            return attend_and_append(query[:, None], cache, key, value, self.attention_append, scale=scale,
+                                     softcap=softcap)[1], None
+
+        tokens = (jnp.swapaxes(keys, 0, 1), jnp.swapaxes(values, 0, 1), jnp.swapaxes(queries, 0, 1))
+        cache, _ = jax.lax.scan(step, cache, tokens)
+        return cache
+
+    def init_state(self, cache, num_heads: int):
+        return None
+
+    def select(self, q, cache, state):
+        return None, state
+
+
 @dataclasses.dataclass(frozen=True)
-class StreamingLLM:
+class StreamingLLM(_Evicting):
     """StreamingLLM eviction: each full-attention layer keeps ``budget`` slots per kv head, the
     first ``sinks`` tokens and the most recent others (:func:`jaxsparse.kv.streaming_llm_append`),
     so its cache memory is ``budget`` positions whatever the sequence length. Keys keep the rotary
@@ -182,31 +220,42 @@ class StreamingLLM:
 
     budget: int
     sinks: int = STREAMING_SINKS
-    cache_score_dims = None
-    capacity_multiple = 1
 
-    def make_cache(self, batch: int, capacity: int, kv_heads: int, head_dim: int, dtype):
-        if not self.sinks < min(self.budget, capacity):
-            raise ValueError(f"StreamingLLM: sinks = {self.sinks} must be below the budget {min(self.budget, capacity)}")
-        return EvictedKVCache.create(batch, min(self.budget, capacity), kv_heads, head_dim, dtype)
-
-    def fill(self, cache: EvictedKVCache, keys, values):
-        """The prompt enters token by token, as it would have been decoded."""
-        def step(cache, token):
-            return streaming_llm_append(cache, *token, sinks=self.sinks), None
-
-        cache, _ = jax.lax.scan(step, cache, (jnp.swapaxes(keys, 0, 1), jnp.swapaxes(values, 0, 1)))
-        return cache
+    def _check(self, budget: int) -> None:
+        if not self.sinks < budget:
+            raise ValueError(f"StreamingLLM: sinks = {self.sinks} must be below the budget {budget}")
 
     @property
     def append(self):
         return functools.partial(streaming_llm_append, sinks=self.sinks)
 
-    def init_state(self, cache, num_heads: int):
-        return None
 
-    def select(self, q, cache, state):
-        return None, state
+@dataclasses.dataclass(frozen=True)
+class HeavyHitters(_Evicting):
+    """H2O (``decay = 1``) and A2SF (``decay < 1``) eviction: each full-attention layer keeps
+    ``budget`` slots per kv head, the ``recent`` newest tokens and the heavy hitters by accumulated
+    attention (:func:`jaxsparse.kv.heavy_hitter_append`). Each new query attends to the kept slots
+    and itself, then the least attended old slot makes room (:func:`jaxsparse.kv.attend_and_append`).
+
+    Attributes:
+      budget: slots per kv head (capped at the generation length, where nothing is evicted).
+      recent: newest tokens never evicted, ``< budget``.
+      decay: forgetting factor of the accumulated attention, in ``(0, 1]``.
+    """
+
+    budget: int
+    recent: int = HEAVY_HITTER_RECENT
+    decay: float = 1.0
+
+    def _check(self, budget: int) -> None:
+        if not self.recent < budget:
+            raise ValueError(f"HeavyHitters: recent = {self.recent} must be below the budget {budget}")
+        if not 0 < self.decay <= 1:
+            raise ValueError(f"HeavyHitters: decay must be in (0, 1], got {self.decay!r}")
+
+    @property
+    def attention_append(self):
+        return functools.partial(heavy_hitter_append, recent=self.recent, decay=self.decay)
 
 
 def resolve_policy(policy, config: ModelConfig):
@@ -215,14 +264,15 @@ def resolve_policy(policy, config: ModelConfig):
     Names take their budget from the config: ``"top_k"`` keeps ``decode_keys`` keys scored on
     ``score_dims`` dims; ``"quest"`` reads ``decode_keys // 16`` pages of 16; ``"token_select"``
     votes ``decode_keys`` tokens (plus 4 sinks and 16 recent); ``"streaming_llm"`` keeps
-    ``decode_keys`` slots per head (4 of them sinks) and evicts the rest.
+    ``decode_keys`` slots per head (4 of them sinks) and evicts the rest; ``"h2o"`` keeps
+    ``decode_keys`` slots per head, the 16 newest and the most attended (recent capped below the budget).
 
     Raises:
       ValueError: an unknown name, or a name that needs ``config.decode_keys`` when it is None.
     """
     if policy is None:
         return FullCache()
-    if isinstance(policy, (FullCache, TopKKeys, QuestPages, TokenSelect, StreamingLLM)):
+    if isinstance(policy, (FullCache, TopKKeys, QuestPages, TokenSelect, StreamingLLM, HeavyHitters)):
         return policy
     if policy not in POLICY_NAMES:
         raise ValueError(f"policy must be one of {POLICY_NAMES} or a policy object, got {policy!r}")
@@ -234,6 +284,8 @@ def resolve_policy(policy, config: ModelConfig):
         return QuestPages(max(1, config.decode_keys // QUEST_PAGE_SIZE))
     if policy == "streaming_llm":
         return StreamingLLM(config.decode_keys)
+    if policy == "h2o":
+        return HeavyHitters(config.decode_keys, recent=min(HEAVY_HITTER_RECENT, config.decode_keys - 1))
     return TokenSelect(config.decode_keys)
 
 

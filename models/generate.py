@@ -33,8 +33,8 @@ def generate(model: Transformer, prompt_tokens, *, max_new_tokens: int, policy=N
       max_new_tokens: new tokens per sequence, ``>= 0``.
       policy: KV selection or eviction of the full-attention layers: None (the whole cache),
         ``"top_k"`` (Spark attention: ``config.decode_keys`` keys scored on ``config.score_dims``
-        dims), ``"quest"``, ``"token_select"``, ``"streaming_llm"`` (eviction: each full layer keeps
-        ``config.decode_keys`` slots per head), or a policy object of :mod:`models.decode_policy`.
+        dims), ``"quest"``, ``"token_select"``, ``"streaming_llm"`` or ``"h2o"`` (eviction: each full layer
+        keeps ``config.decode_keys`` slots per head), or a policy object of :mod:`models.decode_policy`.
       temperature: 0 for greedy (argmax); > 0 samples from ``softmax(logits / temperature)``.
       rng: a PRNG key, needed when ``temperature > 0``.
       capacity: positions per cache, at least ``P + max_new_tokens`` (the default, rounded up to
@@ -114,7 +114,8 @@ def _generate(graphdef, state, prompt, keys, *, policies, max_new_tokens: int, t
                 chosen, updated["state"] = policy.select(q, cache, policy_state)
                 return chosen
 
-            x, cache = block.decode(x, cache, select=select, append=policy.append)
+            x, cache = block.decode(x, cache, select=select, append=policy.append,
+                                    attention_append=policy.attention_append)
             new_caches.append(cache)
             new_states.append(updated["state"])
         token = _sample(step_model.output_logits(x)[:, 0], key, temperature)

@@ -173,3 +173,32 @@ def evicted_decode_attention(q, cache: EvictedKVCache, *, scale: float | None = 
     out, _, probabilities = attend(grouped, cache.keys, cache.values, visible, scale=scale, softcap=softcap)
     attention = jnp.sum(probabilities, axis=(2, 3))
     return out.transpose(0, 3, 1, 2, 4).reshape(q.shape).astype(q.dtype), attention
+
+
+def attend_and_append(q, cache: EvictedKVCache, keys, values, append, *, scale: float | None = None,
+                      softcap: float | None = None):
+    """One decode step under an eviction policy that ranks slots by attention (H2O, A2SF).
+
+    The new query attends to the kept slots and to its own token, then ``append`` gets the slots'
+    share of that attention, accumulates it and makes room for the token (the token that leaves is
+    still seen by this query, as in H2O, where eviction follows the step's attention).
+
+    Args:
+      q: ``[B, 1, H, D]``; keys, values: the new token's ``[B, K, D]``.
+      append: ``append(cache, keys, values, attention [B, K, budget]) -> cache``, e.g.
+        ``functools.partial(heavy_hitter_append, recent=16)``.
+
+    Returns:
+      ``(o [B, 1, H, D] in q's dtype, the updated cache)``.
+    """
+    batch, kv_heads = cache.keys.shape[:2]
+    new = lambda array, fill: jnp.concatenate([array, fill], axis=2)  # noqa: E731  (one more slot)
+    with_token = EvictedKVCache(
+        keys=new(cache.keys, keys[:, :, None].astype(cache.keys.dtype)),
+        values=new(cache.values, values[:, :, None].astype(cache.values.dtype)),
+        positions=new(cache.positions, jnp.broadcast_to(cache.lengths[:, None, None], (batch, kv_heads, 1))),
+        scores=new(cache.scores, jnp.zeros((batch, kv_heads, 1), jnp.float32)),
+        lengths=cache.lengths + 1,
+    )
+    out, attention = evicted_decode_attention(q, with_token, scale=scale, softcap=softcap)
+    return out, append(cache, keys, values, attention[..., :-1])

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsparse.kv.cache import KVCache
-from jaxsparse.kv.eviction import EvictedKVCache, evicted_decode_attention
+from jaxsparse.kv.eviction import EvictedKVCache, attend_and_append, evicted_decode_attention
 from jaxsparse.masks import BlockMask, Mask
 from jaxsparse.nn.parameters import check_positive_int, check_positive_number, logical_axes
 from jaxsparse.nn.rotary import apply_rotary
@@ -226,7 +226,7 @@ class Attention(nnx.Module):
             return None
         return mesh if mesh.shape[self.sequence_axis] > 1 else None
 
-    def decode(self, x, cache: KVCache | EvictedKVCache, *, select=None, append=None,
+    def decode(self, x, cache: KVCache | EvictedKVCache, *, select=None, append=None, attention_append=None,
                implementation: str | None = None):
         """Decodes ``Tq`` new tokens against a KV cache: project, rotate, append, select, attend.
 
@@ -245,6 +245,11 @@ class Attention(nnx.Module):
           append: for an evicted cache, the eviction policy ``append(cache, keys [B, K, D], values)
             -> cache`` (e.g. ``functools.partial(jaxsparse.kv.streaming_llm_append, sinks=4)``); the
             query then attends to the kept slots, the new token included.
+          attention_append: for an evicted cache, instead of ``append``, an eviction policy that
+            ranks slots by attention, ``attention_append(cache, keys, values, attention [B, K,
+            budget]) -> cache`` (e.g. ``functools.partial(jaxsparse.kv.heavy_hitter_append,
+            recent=16)`` for H2O, with ``decay < 1`` for A2SF): the query attends to the kept slots
+            and its own token first (:func:`~jaxsparse.kv.attend_and_append`).
           implementation: the decode-attention backend (see :func:`jaxsparse.ops.decode_attention.decode_attention`).
 
         Returns:
@@ -257,13 +262,18 @@ class Attention(nnx.Module):
         if kv_heads != self.num_kv_heads or head_dim != self.head_dim:
             raise ValueError(f"the cache has K={kv_heads}, D={head_dim}; this layer needs "
                              f"K={self.num_kv_heads}, D={self.head_dim}")
-        if evicted and (append is None or x.shape[1] != 1):
-            raise ValueError("an EvictedKVCache decodes one token at a time (Tq = 1) and needs append= (its policy)")
+        if evicted and ((append is None) == (attention_append is None) or x.shape[1] != 1):
+            raise ValueError("an EvictedKVCache decodes one token at a time (Tq = 1) and needs exactly one of "
+                             "append= or attention_append= (its policy)")
         q, k, v = self.query(x), self.key(x), self.value(x)
         if self.rope_theta is not None:
             positions = cache.lengths[:, None] + jnp.arange(x.shape[1])
             q = apply_rotary(q, positions, theta=self.rope_theta)
             k = apply_rotary(k, positions, theta=self.rope_theta)
+        if evicted and attention_append is not None:
+            out, cache = attend_and_append(q, cache, k[:, 0], v[:, 0], attention_append, scale=self.scale,
+                                           softcap=self.softcap)
+            return self.out(out), cache
         if evicted:
             cache = append(cache, k[:, 0], v[:, 0])
             out, _ = evicted_decode_attention(q, cache, scale=self.scale, softcap=self.softcap)

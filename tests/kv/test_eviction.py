@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from jaxsparse.kv import (
     EvictedKVCache,
+    attend_and_append,
     evicted_decode_attention,
     heavy_hitter_append,
     snapkv_prefill,
@@ -75,6 +76,39 @@ def test_heavy_hitters_keep_exactly_the_rule(decay):
     for b in range(B):
         for h in range(K):
             assert _kept(cache, b, h) == _numpy_heavy_hitters(by_position[:, b, h], 2, decay)
+
+
+@pytest.mark.parametrize("decay", [1.0, 0.7])
+def test_attend_and_append_attends_to_kept_slots_and_itself_then_evicts_by_that_attention(decay):
+    """Decoding with H2O / A2SF through attend_and_append, against numpy per head: each step's output
+    is softmax attention over the kept tokens and the new one; the slots' attention summed over the
+    query heads feeds the rule, so the kept positions are the brute-force rule's."""
+    new_k, new_v = _tokens(6)
+    queries = random_normal(jax.random.key(7), (STEPS, B, 1, K * G, D))
+    step = jax.jit(lambda c, q, k, v: attend_and_append(
+        q, c, k, v, lambda *args: heavy_hitter_append(*args, recent=2, decay=decay)))
+    cache, outputs = EvictedKVCache.create(B, BUDGET, K, D), []
+    for t in range(STEPS):
+        out, cache = step(cache, queries[t], new_k[t], new_v[t])
+        outputs.append(np.asarray(out))
+    keys, values, queries = (np.asarray(x, np.float64) for x in (new_k, new_v, queries))
+    for b in range(B):
+        for h in range(K):
+            kept, scores = [], {}
+            for t in range(STEPS):
+                visible = kept + [t]
+                logits = queries[t, b, 0, h * G:(h + 1) * G] @ keys[visible, b, h].T / np.sqrt(D)  # [G, n]
+                p = np.exp(logits - logits.max(-1, keepdims=True))
+                p /= p.sum(-1, keepdims=True)
+                np.testing.assert_allclose(outputs[t][b, 0, h * G:(h + 1) * G], p @ values[visible, b, h],
+                                           rtol=1e-5, atol=1e-5)
+                for position, weight in zip(kept, p.sum(0)):
+                    scores[position] = decay * scores[position] + weight
+                if len(kept) == BUDGET:
+                    kept.remove(min((q for q in kept if q < t - 2), key=lambda q: (scores[q], q)))
+                kept.append(t)
+                scores[t] = 0.0
+            assert _kept(cache, b, h) == sorted(kept)
 
 
 def test_snapkv_keeps_window_and_top_pooled_votes():

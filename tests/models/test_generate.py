@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from models import LayerAttention, ModelConfig, Transformer, attention_pattern, generate, get_preset
-from models.decode_policy import QuestPages, StreamingLLM, TokenSelect, TopKKeys
+from models.decode_policy import HeavyHitters, QuestPages, StreamingLLM, TokenSelect, TopKKeys
 
 SMALL = dict(vocab_size=64, model_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_seq_len=32)
 PROMPT, NEW, CAPACITY = 5, 9, 16
@@ -50,8 +50,9 @@ def test_greedy_equals_full_forward_argmax(ffn):
     _assert_greedy_matches_forward(model, tokens)
 
 
-@pytest.mark.parametrize("policy", [None, "top_k", "quest", TokenSelect(k=16, sinks=2, recent=4), "streaming_llm"],
-                         ids=["full", "top_k", "quest", "token_select", "streaming_llm"])
+@pytest.mark.parametrize("policy", [None, "top_k", "quest", TokenSelect(k=16, sinks=2, recent=4), "streaming_llm",
+                                    "h2o", HeavyHitters(budget=16, recent=4, decay=0.5)],
+                         ids=["full", "top_k", "quest", "token_select", "streaming_llm", "h2o", "a2sf"])
 def test_spark_with_windows_greedy_equals_full_forward_argmax(policy):
     """Sliding-window layers (window 4 + 2 sinks, shorter than the sequence) read their window at
     decode; the full layer's policy has a budget >= the cache, so its selection is exact."""
@@ -72,6 +73,16 @@ def test_streaming_llm_eviction_equals_a_sinks_and_window_layer():
     np.testing.assert_array_equal(np.asarray(evicting), np.asarray(generate(_sharpened(windowed), _prompt(),
                                                                              max_new_tokens=NEW)))
     assert not np.array_equal(np.asarray(evicting), np.asarray(generate(_sharpened(full), _prompt(), max_new_tokens=NEW)))
+
+
+def test_heavy_hitters_evict_under_a_small_budget():
+    """H2O with 6 slots per head (2 of them the newest tokens) over 14 tokens: the prompt and the
+    decoded tokens pass through the eviction rule, and the result departs from full attention."""
+    model = _sharpened(ModelConfig(**SMALL, ffn="dense", ffn_dim=48))
+    evicting = generate(model, _prompt(), max_new_tokens=NEW, policy=HeavyHitters(budget=6, recent=2))
+    assert evicting.shape == (2, PROMPT + NEW)
+    np.testing.assert_array_equal(np.asarray(evicting[:, :PROMPT]), np.asarray(_prompt()))
+    assert not np.array_equal(np.asarray(evicting), np.asarray(generate(model, _prompt(), max_new_tokens=NEW)))
 
 
 def test_tiny_spark_preset_runs_top_k_under_jit():
@@ -104,7 +115,9 @@ def test_errors():
     model = Transformer(ModelConfig(**SMALL, ffn="dense", ffn_dim=48), rngs=nnx.Rngs(0))
     prompt = _prompt()
     with pytest.raises(ValueError, match="policy"):
-        generate(model, prompt, max_new_tokens=2, policy="h2o")
+        generate(model, prompt, max_new_tokens=2, policy="lru")
+    with pytest.raises(ValueError, match="recent"):
+        generate(model, prompt, max_new_tokens=2, policy=HeavyHitters(budget=4, recent=4))
     with pytest.raises(ValueError, match="decode_keys"):
         generate(model, prompt, max_new_tokens=2, policy="top_k")
     with pytest.raises(ValueError, match="capacity"):

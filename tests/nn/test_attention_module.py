@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jaxsparse import BlockSizes, make_block_mask, masks
-from jaxsparse.kv import KVCache
+from jaxsparse.kv import EvictedKVCache, KVCache, heavy_hitter_append, streaming_llm_append
 from jaxsparse.kv.selection import top_k_keys
 from jaxsparse.nn import Attention, apply_rotary
 from jaxsparse.testing import assert_allclose, random_normal
@@ -344,3 +344,21 @@ class TestDecode:
         np.testing.assert_allclose(np.asarray(selected), np.asarray(dense), rtol=2e-5, atol=2e-5)
         with pytest.raises(ValueError, match="the cache has K=1"):
             layer.decode(x[:, :1], KVCache.create(2, 16, 1, 8))
+
+    @pytest.mark.parametrize("policy", ["append", "attention_append"])
+    def test_evicting_cache_that_evicts_nothing_equals_causal_forward(self, policy):
+        """An evicted cache with room for every token (8 slots, 7 tokens), fed by StreamingLLM
+        (append first) or H2O (attend first), decodes like the training forward."""
+        layer, x = self._layer_and_tokens()
+        evict = {"append": functools.partial(streaming_llm_append, sinks=1),
+                 "attention_append": functools.partial(heavy_hitter_append, recent=2)}[policy]
+        cache, outputs = EvictedKVCache.create(2, 8, 2, 8), []
+        for t in range(7):
+            y, cache = layer.decode(x[:, t : t + 1], cache, **{policy: evict})
+            outputs.append(y)
+        np.testing.assert_allclose(np.asarray(jnp.concatenate(outputs, axis=1)), np.asarray(layer(x)), rtol=2e-5,
+                                   atol=2e-5)
+        with pytest.raises(ValueError, match="exactly one of append= or attention_append="):
+            layer.decode(x[:, :1], cache)
+        with pytest.raises(ValueError, match="exactly one of append= or attention_append="):
+            layer.decode(x[:, :1], cache, append=evict, attention_append=evict)
