@@ -14,7 +14,7 @@ from jaxsparse.kv import KVCache
 from jaxsparse.nn.parameters import logical_axes
 from models.attention_layout import layer_mask
 from models.config import LayerAttention, ModelConfig
-from models.ffn import apply_ffn, make_ffn
+from models.ffn import apply_ffn, decode_ffn, make_ffn
 
 
 def rms_norm(config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.RMSNorm:
@@ -104,7 +104,8 @@ class Block(nnx.Module):
         return self._ffn_residual(x, self.ffn(self.ffn_norm(x))), cache
 
     def decode(self, x, cache: KVCache, *, select=None, append=None, attention_append=None):
-        """One decode step: attend over ``cache`` (what ``select(q, cache)`` picks), then the FFN.
+        """One decode step: attend over ``cache`` (what ``select(q, cache)`` picks), then the FFN
+        (:func:`models.ffn.decode_ffn`: a sparse Spark FFN reads only its active rows).
 
         Args:
           x: ``[B, 1, M]``.
@@ -119,4 +120,4 @@ class Block(nnx.Module):
         attended, cache = self.attention.decode(self.attention_norm(x), cache, select=select, append=append,
                                                 attention_append=attention_append)
         x = self._attention_residual(x, attended)
-        return self._ffn_residual(x, self.ffn(self.ffn_norm(x))), cache
+        return self._ffn_residual(x, decode_ffn(self.ffn, self.ffn_norm(x))), cache

@@ -16,6 +16,8 @@ with one expert and k = 1 is ``SparseGatedFFN`` with ``w_gate = W_gate[0]^T``, `
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -39,6 +41,28 @@ def make_ffn(config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
                       activation=config.activation, param_dtype=param_dtype, rngs=rngs)
     return nn.BlockFFN(width, config.expert_dim, config.num_experts, activation=config.activation,
                        param_dtype=param_dtype, rngs=rngs)
+
+
+DECODE_HEADROOM = 1.2  # Spark decode capacity: k_max = 1.2 x the expected active neurons of a token
+
+
+def decode_ffn(layer: nnx.Module, x):
+    """Runs a layer of :func:`make_ffn` on the new tokens of a decode step, ``x [B, Tq, M]``.
+
+    A sparse Spark FFN reads only its active rows (:meth:`jaxsparse.nn.SparkFFN.decode`, one active
+    set per token, ``k_max = 1.2 (1 - sparsity) F'``, and ``overflow="dense"``: a step where a token
+    has more active neurons runs the dense FFN, so the result always equals the forward). The other
+    kinds, and Spark at sparsity 0, run their forward.
+
+    Returns:
+      ``y [B, Tq, M]``.
+    """
+    if isinstance(layer, nn.SparkFFN) and layer.sparsity > 0:
+        width = x.shape[-1]
+        k_max = min(layer.hidden_dim, math.ceil(DECODE_HEADROOM * (1 - layer.sparsity) * layer.hidden_dim))
+        y, _ = layer.decode(x.reshape(-1, width), k_max=k_max, overflow="dense")
+        return y.reshape(x.shape).astype(x.dtype)
+    return layer(x)
 
 
 def apply_ffn(layer: nnx.Module, x, *, segment_ids=None):

@@ -19,10 +19,11 @@ def generate(model: Transformer, prompt_tokens, *, max_new_tokens: int, policy=N
     The prompt runs through the training forward once (each layer's mask) and fills a
     :class:`~jaxsparse.kv.KVCache` per layer; every further token is one ``nn.Attention.decode``
     step per layer inside ``lax.scan``. Full-attention layers read what ``policy`` selects;
-    sliding-window layers read their sinks and last ``window`` positions, as in training. The FFN
-    runs its training ``__call__`` on the new token. With ``policy=None`` (or a ``"top_k"`` budget
-    at least the cache capacity) greedy decoding equals the argmax of the full forward on the
-    growing sequence.
+    sliding-window layers read their sinks and last ``window`` positions, as in training. A Spark FFN
+    reads only the active rows of each new token (gathers; the dense FFN when a token has more than
+    1.2x the expected active neurons); the other FFN kinds run their forward. With ``policy=None``
+    (or a ``"top_k"`` budget at least the cache capacity) greedy decoding equals the argmax of the
+    full forward on the growing sequence.
 
     Compiled internally with ``jax.jit`` (keyed on the model's graph and the static arguments);
     it also runs inside ``nnx.jit``.

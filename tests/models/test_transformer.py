@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxsparse import nn
 from models import LayerAttention, ModelConfig, Transformer, attention_pattern, get_preset
+from models.ffn import decode_ffn
 
 SMALL = dict(vocab_size=64, model_dim=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16, max_seq_len=32)
 WINDOW = LayerAttention(kind="sliding_window", window=3)
@@ -74,6 +76,25 @@ def test_spark_without_sparsity_equals_dense_with_copied_weights():
     np.testing.assert_allclose(np.asarray(_forward(spark, tokens).logits), np.asarray(_forward(dense, tokens).logits),
                                rtol=1e-5, atol=1e-5)
     assert float(_forward(spark, tokens).metrics["ffn_tls"]) < 0.01
+
+
+def test_spark_decode_ffn_reads_only_the_active_rows_and_equals_the_forward():
+    """The decode FFN of a sparse Spark layer: with the rows of every neuron that no token activates
+    poisoned with NaN (their K2 part of w_in and their w_out row; K1 scores every neuron), the
+    output stays finite and equals the clean forward. A masked-dense decode would return NaN. Row 0
+    stays clean: the `xla` gathers pad each active list with it (multiplied by zero)."""
+    r, width = 8, 96
+    layer = nn.SparkFFN(32, width, predictor_dim=r, sparsity=0.9, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(3), (2, 1, 32))
+    expected = np.asarray(layer(x))
+    active = np.asarray(layer.gate_activations(x) != 0).reshape(2, width)
+    assert active.sum(-1).max() <= int(np.ceil(1.2 * 0.1 * width)) < width  # no overflow to the dense fallback
+    unused = ~active.any(0) & (np.arange(width) > 0)
+    layer.w_in[...] = jnp.asarray(np.where(unused[:, None] & (np.arange(32) >= r), np.nan, np.asarray(layer.w_in[...])))
+    layer.w_out[...] = jnp.asarray(np.where(unused[:, None], np.nan, np.asarray(layer.w_out[...])))
+    y = np.asarray(decode_ffn(layer, x))
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_moe_with_one_expert_equals_dense_with_copied_weights():
