@@ -248,14 +248,19 @@ class HeavyHitters(_Evicting):
     decay: float = 1.0
 
     def _check(self, budget: int) -> None:
-        if not self.recent < budget:
-            raise ValueError(f"HeavyHitters: recent = {self.recent} must be below the budget {budget}")
+        if not self.recent < self.budget:
+            raise ValueError(f"HeavyHitters: recent = {self.recent} must be below the budget {self.budget}")
         if not 0 < self.decay <= 1:
             raise ValueError(f"HeavyHitters: decay must be in (0, 1], got {self.decay!r}")
 
     @property
     def attention_append(self):
-        return functools.partial(heavy_hitter_append, recent=self.recent, decay=self.decay)
+        def append(cache: EvictedKVCache, keys, values, attention):
+            # A cache capped at the generation length never evicts: ``recent`` only has to fit it.
+            return heavy_hitter_append(cache, keys, values, attention, recent=min(self.recent, cache.budget - 1),
+                                       decay=self.decay)
+
+        return append
 
 
 def resolve_policy(policy, config: ModelConfig):

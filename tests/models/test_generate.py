@@ -82,7 +82,11 @@ def test_heavy_hitters_evict_under_a_small_budget():
     evicting = generate(model, _prompt(), max_new_tokens=NEW, policy=HeavyHitters(budget=6, recent=2))
     assert evicting.shape == (2, PROMPT + NEW)
     np.testing.assert_array_equal(np.asarray(evicting[:, :PROMPT]), np.asarray(_prompt()))
-    assert not np.array_equal(np.asarray(evicting), np.asarray(generate(model, _prompt(), max_new_tokens=NEW)))
+    full = np.asarray(generate(model, _prompt(), max_new_tokens=NEW))
+    assert not np.array_equal(np.asarray(evicting), full)
+    # A budget (and recent window) beyond the 14 tokens: the cache is capped there and evicts nothing.
+    roomy = generate(model, _prompt(), max_new_tokens=NEW, policy=HeavyHitters(budget=32, recent=20))
+    np.testing.assert_array_equal(np.asarray(roomy), full)
 
 
 def test_tiny_spark_preset_runs_top_k_under_jit():
