@@ -154,12 +154,7 @@ def cpu_markdown(topk, topk_shape, decode, chunks) -> str:
 
 def gpu_markdown(rows) -> str:
     lines = [gpu_heading(), "", "bf16 SparkFFN decode with `implementation='pallas_gpu'` vs the dense gated FFN "
-             "(same parameters). Bandwidth = weight bytes the call must read / time (H100: ~3.0 TB/s). "
-             "On the H100 this decode is slower than the dense FFN. Its parts, timed the same way at batch 1 "
-             "(2026-11-23): predictor scores 24 us, statistical top-k gate 17 us, `select_active_neurons` 32 us, "
-             "then the `pallas_gpu` sparse FFN kernel 62 us for about 12 MB of rows (0.2 TB/s), where the `xla` "
-             "gathers take 37 us; the dense FFN takes 62 us. The kernel's bandwidth and the fixed cost of the "
-             "selection are the work left on GPU.", ""]
+             "(same parameters). Bandwidth = weight bytes the call must read / time (H100: ~3.0 TB/s).", ""]
     table = []
     for r in rows:
         dense_bytes = 3 * GATED_WIDTH * MODEL * 2

@@ -50,14 +50,19 @@ def evict_caches():
     return lambda: total(buffer)
 
 
-def decode_inputs(batch, capacity):
-    """A full random cache (with ``score_keys``) and ``QUERIES`` decode queries: ``[(q, cache), ...]``."""
-    keys = jax.random.split(jax.random.key(batch), 3)
+def random_cache(key_keys, key_values, batch, capacity, dtype=jnp.float32):
+    """A full cache of random keys and values ``[batch, K, capacity, D]`` that also keeps a contiguous
+    copy of the first ``SCORE_DIMS`` key dims (``score_keys``) for low-rank scoring."""
     shape = (batch, KV_HEADS, capacity, HEAD_DIM)
-    cache_keys = jax.random.normal(keys[0], shape)
-    # The cache keeps a contiguous copy of the first SCORE_DIMS key dims for low-rank scoring.
-    cache = KVCache(keys=cache_keys, values=jax.random.normal(keys[1], shape),
-                    lengths=jnp.full(batch, capacity, jnp.int32), score_keys=jnp.swapaxes(cache_keys[..., :SCORE_DIMS], 2, 3))
+    cache_keys = jax.random.normal(key_keys, shape, dtype)
+    return KVCache(keys=cache_keys, values=jax.random.normal(key_values, shape, dtype),
+                   lengths=jnp.full(batch, capacity, jnp.int32), score_keys=jnp.swapaxes(cache_keys[..., :SCORE_DIMS], 2, 3))
+
+
+def decode_inputs(batch, capacity):
+    """A full random cache and ``QUERIES`` decode queries: ``[(q, cache), ...]``."""
+    keys = jax.random.split(jax.random.key(batch), 3)
+    cache = random_cache(keys[0], keys[1], batch, capacity)
     return [(jax.random.normal(key, (batch, 1, HEADS, HEAD_DIM)), cache) for key in jax.random.split(keys[2], QUERIES)]
 
 
@@ -173,15 +178,11 @@ def gpu_rows(batches, capacity, repeats, page_size=16):
     rows = []
     for batch in batches:
         layers = min(16, max(2, 2**30 // (batch * 2 * KV_HEADS * capacity * HEAD_DIM * 2)))
-        shape = (batch, KV_HEADS, capacity, HEAD_DIM)
         print(f"gpu batch {batch}: {layers} layers", flush=True)
         inputs = []
         for key in jax.random.split(jax.random.key(batch), layers):
             keys = jax.random.split(key, 3)
-            cache_keys = jax.random.normal(keys[0], shape, jnp.bfloat16)
-            cache = KVCache(keys=cache_keys, values=jax.random.normal(keys[1], shape, jnp.bfloat16),
-                            lengths=jnp.full(batch, capacity, jnp.int32),
-                            score_keys=jnp.swapaxes(cache_keys[..., :SCORE_DIMS], 2, 3))
+            cache = random_cache(keys[0], keys[1], batch, capacity, jnp.bfloat16)
             q = jax.random.normal(keys[2], (batch, 1, HEADS, HEAD_DIM), jnp.bfloat16)
             inputs.append((q, cache, jax.jit(page_summary, static_argnums=1)(cache, page_size)))
         quest = lambda q, c, s: decode_attention(  # noqa: E731
@@ -220,7 +221,8 @@ def gpu_markdown(rows, capacity) -> str:
              f"and values; top-k: the score keys at r dims and the {SELECTED} selected keys and values; Quest: float32 "
              "page minima and maxima and the selected pages) over its time; the H100's copy bandwidth is about "
              "3.0 TB/s. Token selections run on the `xla` gather path; block (page) selections on the `pallas_gpu` "
-             "kernel. At batch 1 the selection costs more than the dense read it replaces: `top_k_positions` off CPU is `lax.top_k` plus a sort (about 110 us for [8, 32768] scores, 2026-11-23), more than reading the whole bf16 cache (89 us). Selection pays from batch 8 (statistical top-k, Quest) on.", ""]
+             "kernel. A selection pays only where its fixed cost (scoring, and `top_k_positions`, which off CPU is "
+             "`lax.top_k` plus a sort) is below the dense read it replaces.", ""]
     lines += markdown_table(["batch", "step", "us / layer", "dense `xla` / step", "achieved bandwidth"], rows, "rlrrr")
     return "\n".join(lines)
 
