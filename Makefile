@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-gpu test-gpu-kernels test-gpu-ops train bench clean
+.PHONY: test test-gpu test-gpu-kernels test-gpu-suite train bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,18 +16,21 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q
 
-# The Triton-backend kernels compiled on a GPU (the tests above run them in interpret mode), and
-# the ops that dispatch to them. Needs a Python with jax[cuda] and the dev extras: GPU_PYTHON=...
+# On a GPU: the Triton-backend kernels compiled (the tests above run them in interpret mode), then
+# the single-device tests with the GPU as jax's default backend (the pallas_gpu ops compiled; the
+# pallas_tpu cases skip; parallel/ and train/ need the 8 fake CPU devices and stay on CPU).
+# Needs a Python with jax[cuda] and the dev extras: GPU_PYTHON=...
 GPU_PYTHON ?= $(BIN)/python
 GPU_ENV := JAX_PLATFORMS=cuda,cpu XLA_PYTHON_CLIENT_PREALLOCATE=false
-test-gpu: test-gpu-kernels test-gpu-ops
+GPU_WORKERS ?= 8
+test-gpu: test-gpu-kernels test-gpu-suite
 test-gpu-kernels:
-	$(GPU_ENV) $(GPU_PYTHON) -m pytest -q -n 4 --dist loadfile \
+	$(GPU_ENV) $(GPU_PYTHON) -m pytest -q -n $(GPU_WORKERS) --dist loadfile \
 		tests/pallas_kernels/test_gpu_block_sparse_attention.py tests/pallas_kernels/test_gpu_decode_attention.py \
 		tests/pallas_kernels/test_gpu_grouped_matmul.py tests/pallas_kernels/test_gpu_sparse_ffn.py
-test-gpu-ops:
-	$(GPU_ENV) $(GPU_PYTHON) -m pytest -q -n 4 -k pallas_gpu \
-		tests/ops tests/nn
+test-gpu-suite:
+	$(GPU_ENV) $(GPU_PYTHON) -m pytest -q -n $(GPU_WORKERS) --dist loadfile \
+		tests/ops tests/kv tests/moe tests/nn tests/masks tests/models
 
 # The main job: Spark Transformer (spark-tiny) pretraining on the embedded stdlib corpus, then its
 # dense twin on the same data; ends with a report (losses, sparsity, checkpoint and plot paths).

@@ -14,6 +14,12 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("jaxsparse", max_examples=12, deadline=None, derandomize=True, print_blob=True)
 settings.load_profile("jaxsparse")
 
+# On a GPU, XLA multiplies float32 matrices in TF32 by default (10-bit mantissa); the tests compare
+# float32 results with references at float32 tolerances, as on CPU, so they ask for full float32.
+# Pallas kernels choose their own dot precision (see tests/backend.py for their tolerances).
+if jax.default_backend() == "gpu":
+    jax.config.update("jax_default_matmul_precision", "highest")
+
 
 def pytest_report_header(config):
     return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"

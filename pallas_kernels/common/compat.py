@@ -7,6 +7,7 @@ one-file change. Checked against jax 0.10.2 (CPU) and 0.11 (H100).
 
 from __future__ import annotations
 
+import jax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -58,9 +59,11 @@ def tpu_lowering_without_tpu(chip_version: str = "v5e"):
     """Context manager that lets ``jax.export(..., platforms=["tpu"])`` lower Mosaic kernels on CPU.
 
     Mosaic lowering asks for the current device's TPU generation; on a machine without a TPU the
-    device kind is "cpu". This registers "cpu" as ``chip_version`` in the (private, jax 0.10)
-    ``tpu_info.registry`` for the duration, so a test can check that a kernel lowers to Mosaic
-    (no unsupported primitive) without TPU hardware. The Mosaic compiler itself does not run.
+    device kind is "cpu" (or the GPU's name). This registers that kind as ``chip_version`` in the (private; jax 0.10 and
+    0.11) ``tpu_info.registry`` for the duration, so a test can check that a kernel lowers to Mosaic
+    (no unsupported primitive) without TPU hardware. The Mosaic compiler itself does not run. The
+    chip's info comes from ``get_tpu_info_for_chip`` (jax 0.11 re-exports ``tpu_info`` from
+    ``jax._src.tpu_info`` without the private ``_get_tpu_info_impl`` that jax 0.10 also has).
     """
     import contextlib
 
@@ -68,11 +71,25 @@ def tpu_lowering_without_tpu(chip_version: str = "v5e"):
 
     @contextlib.contextmanager
     def registered():
-        info = tpu_info._get_tpu_info_impl(tpu_info.ChipVersion(chip_version), 1)
-        tpu_info.registry["cpu"] = lambda: info
+        info = tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion(chip_version), 1)
+        kind = jax.devices()[0].device_kind  # "cpu"; on a GPU machine the GPU's name
+        tpu_info.registry[kind] = lambda: info
         try:
             yield
         finally:
-            del tpu_info.registry["cpu"]
+            del tpu_info.registry[kind]
 
     return registered()
+
+
+def triton_lowering_without_gpu(device_kind: str = "NVIDIA H100 80GB HBM3"):
+    """Context manager that lets ``.lower(lowering_platforms=("cuda",))`` run the Pallas Triton
+    lowering on a machine without a GPU, for a GPU named ``device_kind``.
+
+    jax 0.10 lowers Triton kernels without asking for a device. jax 0.11 looks the current device's
+    name up in a list of GPUs it knows and, on CPU, raises "No supported GPU devices found, please
+    specify an abstract GPU device"; its remedy is an abstract mesh whose device is that GPU, which
+    this sets for the duration. Nothing is compiled.
+    """
+    device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="cuda")
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("device",), abstract_device=device))

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jaxsparse.kv import KVCache, PagedKVCache
 from jaxsparse.ops.decode_attention import BlockSelection, PositionSelection, decode_attention
 from jaxsparse.testing import assert_allclose, random_normal
+from tests.backend import needs_tpu_or_cpu
 
 
 def _cache(seed, batch, capacity, kv_heads, head_dim, lengths, dtype=jnp.float32):
@@ -132,6 +133,7 @@ class TestPallasGpu(DecodeAttentionContract):
     implementation = "pallas_gpu"
 
 
+@needs_tpu_or_cpu
 class TestPallasTpu(DecodeAttentionContract):
     implementation = "pallas_tpu"
     head_dim, capacity, block = 128, 512, 128

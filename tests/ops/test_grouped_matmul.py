@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from jaxsparse.ops.grouped_matmul import group_tiles, grouped_matmul
 from jaxsparse.testing import assert_allclose, random_normal
+from tests.backend import needs_tpu_or_cpu
 
 # (group sizes, N): zeros, groups smaller than a tile, one spanning tiles, padding rows past the sum.
 GROUPINGS = {
@@ -92,6 +93,7 @@ class TestPallasGpu(GroupedMatmulContract):
     implementation = "pallas_gpu"
 
 
+@needs_tpu_or_cpu
 class TestPallasTpu(GroupedMatmulContract):
     implementation = "pallas_tpu"
     inner, outer = 128, 128

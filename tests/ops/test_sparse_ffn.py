@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jaxsparse.ops.activations import gelu_tanh
 from jaxsparse.ops.sparse_ffn import ActiveNeurons, select_active_neurons, sparse_ffn, sparse_ffn_decode
 from jaxsparse.testing import assert_allclose, random_normal
+from tests.backend import needs_tpu_or_cpu
 
 
 def _weights(seed, neurons, width, dtype=jnp.float32):
@@ -137,6 +138,7 @@ class TestPallasGpu(SparseFFNContract):
     implementation = "pallas_gpu"
 
 
+@needs_tpu_or_cpu
 class TestPallasTpu(SparseFFNContract):
     implementation = "pallas_tpu"
     width = 128  # Mosaic tiles M by 128 lanes
