@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.kv import selection as kv_selection
-from jaxsparse.kv import EvictedKVCache, KVCache, attend_and_append, heavy_hitter_append, streaming_llm_append
+from jaxsparse.kv import EvictedKVCache, KVCache, evicted_decode_step, heavy_hitter_append, streaming_llm_append
 from models.config import LayerAttention, ModelConfig
 
 POLICY_NAMES = (None, "top_k", "quest", "token_select", "streaming_llm", "h2o")
@@ -176,7 +176,7 @@ class SlidingWindow(KeepsWholeCache):
 class _Evicting:
     """An eviction policy's cache: ``budget`` slots per kv head (capped at the generation length,
     where nothing is evicted); the prompt enters token by token, as it would have been decoded.
-    Subclasses define ``append`` or ``attention_append`` (see ``nn.Attention.decode``)."""
+    Subclasses define ``append`` or ``attention_append`` (see :func:`jaxsparse.kv.evicted_decode_step`)."""
 
     cache_score_dims = None
     capacity_multiple = 1
@@ -188,12 +188,10 @@ class _Evicting:
         return EvictedKVCache.create(batch, min(self.budget, capacity), kv_heads, head_dim, dtype)
 
     def fill(self, cache: EvictedKVCache, keys, values, queries, *, scale, softcap):
-        def step(cache, token):
+        def step(cache, token):  # the attention output is unused (dead code for XLA)
             key, value, query = token
-            if self.append is not None:
-                return self.append(cache, key, value), None
-            return attend_and_append(query[:, None], cache, key, value, self.attention_append, scale=scale,
-                                     softcap=softcap)[1], None
+            return evicted_decode_step(query[:, None], cache, key, value, append=self.append,
+                                       attention_append=self.attention_append, scale=scale, softcap=softcap)[1], None
 
         tokens = (jnp.swapaxes(keys, 0, 1), jnp.swapaxes(values, 0, 1), jnp.swapaxes(queries, 0, 1))
         cache, _ = jax.lax.scan(step, cache, tokens)

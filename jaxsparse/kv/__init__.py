@@ -6,10 +6,11 @@ from jaxsparse.kv.eviction import (
     EvictedKVCache,
     attend_and_append,
     evicted_decode_attention,
+    evicted_decode_step,
     heavy_hitter_append,
     snapkv_prefill,
     streaming_llm_append,
 )
 
 __all__ = ["EvictedKVCache", "KVCache", "PagedKVCache", "attend_and_append", "evicted_decode_attention",
-           "heavy_hitter_append", "snapkv_prefill", "streaming_llm_append"]
+           "evicted_decode_step", "heavy_hitter_append", "snapkv_prefill", "streaming_llm_append"]

@@ -202,3 +202,30 @@ def attend_and_append(q, cache: EvictedKVCache, keys, values, append, *, scale: 
     )
     out, attention = evicted_decode_attention(q, with_token, scale=scale, softcap=softcap)
     return out, append(cache, keys, values, attention[..., :-1])
+
+
+def evicted_decode_step(q, cache: EvictedKVCache, keys, values, *, append=None, attention_append=None,
+                        scale: float | None = None, softcap: float | None = None):
+    """One decode step on an evicted cache under its policy, given as exactly one of:
+
+    - ``append(cache, keys, values) -> cache`` (e.g. StreamingLLM): the token enters first, then
+      the query attends to the kept slots, the new token included;
+    - ``attention_append(cache, keys, values, attention [B, K, budget]) -> cache`` (H2O, A2SF):
+      :func:`attend_and_append`.
+
+    Args:
+      q: ``[B, 1, H, D]``; keys, values: the new token's ``[B, K, D]``.
+
+    Returns:
+      ``(o [B, 1, H, D] in q's dtype, the updated cache)``.
+
+    Raises:
+      ValueError: neither or both of ``append`` and ``attention_append``.
+    """
+    if (append is None) == (attention_append is None):
+        raise ValueError("an EvictedKVCache step needs exactly one of append= or attention_append= (its policy)")
+    if attention_append is not None:
+        return attend_and_append(q, cache, keys, values, attention_append, scale=scale, softcap=softcap)
+    cache = append(cache, keys, values)
+    out, _ = evicted_decode_attention(q, cache, scale=scale, softcap=softcap)
+    return out, cache

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsparse.kv.cache import KVCache
-from jaxsparse.kv.eviction import EvictedKVCache, attend_and_append, evicted_decode_attention
+from jaxsparse.kv.eviction import EvictedKVCache, evicted_decode_step
 from jaxsparse.masks import BlockMask, Mask
 from jaxsparse.nn.parameters import check_positive_int, check_positive_number, logical_axes
 from jaxsparse.nn.rotary import apply_rotary
@@ -262,21 +262,17 @@ class Attention(nnx.Module):
         if kv_heads != self.num_kv_heads or head_dim != self.head_dim:
             raise ValueError(f"the cache has K={kv_heads}, D={head_dim}; this layer needs "
                              f"K={self.num_kv_heads}, D={self.head_dim}")
-        if evicted and ((append is None) == (attention_append is None) or x.shape[1] != 1):
-            raise ValueError("an EvictedKVCache decodes one token at a time (Tq = 1) and needs exactly one of "
-                             "append= or attention_append= (its policy)")
+        if evicted and x.shape[1] != 1:
+            raise ValueError(f"an EvictedKVCache decodes one token at a time (Tq = 1), got Tq = {x.shape[1]}")
         q, k, v = self.query(x), self.key(x), self.value(x)
         if self.rope_theta is not None:
             positions = cache.lengths[:, None] + jnp.arange(x.shape[1])
             q = apply_rotary(q, positions, theta=self.rope_theta)
             k = apply_rotary(k, positions, theta=self.rope_theta)
-        if evicted and attention_append is not None:
-            out, cache = attend_and_append(q, cache, k[:, 0], v[:, 0], attention_append, scale=self.scale,
-                                           softcap=self.softcap)
-            return self.out(out), cache
         if evicted:
-            cache = append(cache, k[:, 0], v[:, 0])
-            out, _ = evicted_decode_attention(q, cache, scale=self.scale, softcap=self.softcap)
+            out, cache = evicted_decode_step(q, cache, k[:, 0], v[:, 0], append=append,
+                                             attention_append=attention_append, scale=self.scale,
+                                             softcap=self.softcap)
             return self.out(out), cache
         cache = cache.append(k, v)
         selection = None if select is None else select(q, cache)

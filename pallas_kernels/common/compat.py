@@ -59,11 +59,11 @@ def tpu_lowering_without_tpu(chip_version: str = "v5e"):
     """Context manager that lets ``jax.export(..., platforms=["tpu"])`` lower Mosaic kernels on CPU.
 
     Mosaic lowering asks for the current device's TPU generation; on a machine without a TPU the
-    device kind is "cpu" (or the GPU's name). This registers that kind as ``chip_version`` in the (private; jax 0.10 and
-    0.11) ``tpu_info.registry`` for the duration, so a test can check that a kernel lowers to Mosaic
-    (no unsupported primitive) without TPU hardware. The Mosaic compiler itself does not run. The
-    chip's info comes from ``get_tpu_info_for_chip`` (jax 0.11 re-exports ``tpu_info`` from
-    ``jax._src.tpu_info`` without the private ``_get_tpu_info_impl`` that jax 0.10 also has).
+    device kind is "cpu" (or the GPU's name). This registers that kind as ``chip_version`` in the
+    (private; jax 0.10 and 0.11) ``tpu_info.registry`` for the duration, so a test can check that a
+    kernel lowers to Mosaic (no unsupported primitive) without TPU hardware. The Mosaic compiler
+    itself does not run. The chip's info comes from ``get_tpu_info_for_chip`` (jax 0.11 re-exports
+    ``tpu_info`` from ``jax._src.tpu_info`` without the private ``_get_tpu_info_impl`` of jax 0.10).
     """
     import contextlib
 

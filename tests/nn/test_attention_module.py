@@ -362,3 +362,5 @@ class TestDecode:
             layer.decode(x[:, :1], cache)
         with pytest.raises(ValueError, match="exactly one of append= or attention_append="):
             layer.decode(x[:, :1], cache, append=evict, attention_append=evict)
+        with pytest.raises(ValueError, match="one token at a time"):
+            layer.decode(x[:, :2], cache, **{policy: evict})
