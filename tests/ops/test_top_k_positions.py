@@ -75,6 +75,22 @@ def test_sortable_keys_order_like_floats():
     assert np.all(np.diff(keys) > 0)
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("valid_shape", [(2, 1, 700), (700,), (2, 3, 1), ()])
+def test_broadcast_valid_counts_like_the_full_mask(method, valid_shape):
+    # A mask shared by the rows of a sequence ([B, 1, S], as KV selection passes it), a row mask
+    # for every row, a per-row on/off switch, a scalar.
+    rng = np.random.default_rng(len(valid_shape))
+    x = rng.normal(size=(2, 3, 700)).astype(np.float32)
+    valid = rng.random(valid_shape) < 0.3
+    if valid_shape == (2, 3, 1):
+        valid[0, 1, 0] = False
+    positions, counts = jax.jit(lambda x, v: top_k_positions(x, 64, valid=v, method=method))(x, valid)
+    expected_positions, expected_counts = _numpy_top_k(x, 64, valid)
+    np.testing.assert_array_equal(np.asarray(counts), expected_counts)
+    np.testing.assert_array_equal(np.asarray(positions), expected_positions)
+
+
 def test_fewer_valid_than_k_lists_them_all():
     x = np.random.default_rng(1).normal(size=(3, 500)).astype(np.float32)
     valid = np.zeros((3, 500), bool)
@@ -89,7 +105,7 @@ def test_fewer_valid_than_k_lists_them_all():
 def _threshold_path(x, k, candidates):
     """The threshold method with a fallback that returns -1, to see which path ran."""
     x = jnp.asarray(x, jnp.float32)
-    return module._threshold_positions(x, None, k, candidates,
+    return module._threshold_positions(lambda: (x, None), k, candidates,
                                        lambda: jnp.full((x.shape[0], k), -1, jnp.int32))
 
 
