@@ -120,7 +120,8 @@ def low_rank_key_scores(q, cache: KVCache, rank: int | None = None) -> jax.Array
     if cache.score_dims == rank:
         scores = jnp.einsum("nr,nrs->ns", query, cache.score_keys.reshape(heads, rank, -1).astype(jnp.float32))
     else:
-        scores = jnp.einsum("nr,nsr->ns", query, cache.keys[..., :rank].reshape(heads, cache.capacity, rank).astype(jnp.float32))
+        keys = cache.keys[..., :rank].reshape(heads, cache.capacity, rank)
+        scores = jnp.einsum("nr,nsr->ns", query, keys.astype(jnp.float32))
     return scores.reshape(cache.batch, cache.kv_heads, cache.capacity)
 
 
@@ -154,7 +155,10 @@ def top_k_keys(q, cache: KVCache, k: int, *, rank: int | None = None, method: st
 
 
 def _statistical_positions(scores, valid, k: int) -> PositionSelection:
-    """Positions whose score beats the Gaussian estimate of the k-th largest, compacted into 2k slots."""
+    """Positions whose score beats the Gaussian estimate of the k-th largest, compacted into 2k slots.
+
+    ``scores [B, K, S]``; ``valid`` bool ``[B, 1, S]`` (:func:`_causal_valid`), shared by the kv heads.
+    """
     slots = min(2 * k, scores.shape[-1])
     weights = valid[:, 0].astype(jnp.float32)  # [B, S]
     count = jnp.maximum(jnp.sum(weights, axis=-1), 1.0)[:, None, None]

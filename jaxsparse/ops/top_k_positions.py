@@ -136,12 +136,12 @@ def top_k_positions(x, k: int, *, valid=None, method: str | None = None, candida
         values = x.astype(jnp.float32).reshape(-1, n)
         return values, None if given_valid is None else jnp.broadcast_to(given_valid, x.shape).reshape(-1, n)
 
-    values, valid = rows()
-    if valid is None:  # every entry: no mask pass at all
-        counts = jnp.full(values.shape[:1], k, jnp.int32)
+    if given_valid is None:  # every entry: no mask pass at all
+        counts = jnp.full((int(np.prod(lead)),), k, jnp.int32)
     else:
-        # Counted on the mask as given (e.g. [B, 1, S] for [B, K, S] scores), then broadcast; a
-        # float32 sum (exact below 2**24): XLA:CPU reduces a bool-to-int32 row 4x slower.
+        # Counted on the mask as given (e.g. [B, 1, S] for [B, K, S] scores; a last axis of 1 stands
+        # for all n entries), then broadcast; a float32 sum (exact below 2**24): XLA:CPU reduces a
+        # bool-to-int32 row 4x slower.
         given_counts = jnp.sum(jnp.where(given_valid, 1.0, 0.0), axis=-1) * (n // given_valid.shape[-1])
         counts = jnp.broadcast_to(jnp.minimum(given_counts, k), lead).reshape(-1).astype(jnp.int32)
 
