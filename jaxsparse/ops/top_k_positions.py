@@ -6,8 +6,8 @@ the form sparse kernels and gathers want. Two methods give the same result:
 - ``"partial_sort"``: ``lax.top_k``, then a sort of the k positions. On XLA:CPU, ``lax.top_k``
   calls a comparator per element: about 1.1 ms for the top 256 of ``[8, 32768]`` on 2 cores,
   more than the rest of a Spark-attention decode step.
-- ``"threshold"`` (the default on CPU), a few vectorised passes: 1.7-2.7x faster there at
-  ``[8, 32768]`` and 2.1-3.2x at ``[64, 32768]`` (runs on a shared 2-core machine vary; BENCHMARKS.md):
+- ``"threshold"`` (the default on CPU), a few vectorised passes: 1.5-2.7x faster there at
+  ``[8, 32768]`` and 2.0-3.2x at ``[64, 32768]`` (runs on a shared 2-core machine vary; BENCHMARKS.md):
 
   1. Split each row into ``4 k`` strided blocks and take their maxima. A lower bound ``T`` of the
      k-th largest block maximum (12 bisection steps) is a lower bound of the row's k-th largest
@@ -102,7 +102,7 @@ def top_k_positions(x, k: int, *, valid=None, method: str | None = None, candida
       k: entries to keep per row, in ``[1, n]`` (static).
       valid: optional bool broadcastable to ``x``: entries that may be chosen (default all).
       method: ``"threshold"``, ``"partial_sort"`` or None: ``"threshold"`` on CPU, where it is
-        1.7-2.7x faster at ``[8, 32768]``, k = 256; ``"partial_sort"`` elsewhere (unmeasured there).
+        1.5-2.7x faster at ``[8, 32768]``, k = 256; ``"partial_sort"`` elsewhere (unmeasured there).
       candidates: ``"threshold"``'s slots for the entries that pass the bound, ``>= k`` (default
         ``2 k``). A call with a row over it runs ``"partial_sort"`` (same result, its cost).
 
